@@ -1,0 +1,284 @@
+"""Streaming datasets for pretraining (packed blocks) and SFT (chat-template conversations).
+
+Both read JSONL (`.jsonl` or `.jsonl.gz`) line by line, so a corpus of any size trains in bounded memory.
+Samples have a global order that does not depend on the number of processes: sample i goes to rank
+i % world_size, and inside a rank whole batches go round-robin to the DataLoader workers. So N ranks with
+batch b see, per step, the same samples as one process with batch N*b, and a run resumes anywhere by
+skipping the samples it already trained on (`start_sample`).
+"""
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+class DataError(Exception):
+    """Input that cannot be trained on; the message names the file (and line) and is shown as is."""
+
+
+class BadLine(ValueError):
+    """One line that is skipped (or, with --strict, stops the run)."""
+
+
+def parse_text(record):
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BadLine("no non-empty string field 'text'")
+    return text
+
+
+def parse_conversation(record):
+    """Messages as [{"role", "content"}] from `messages` (role/content) or BelleGroup `conversations`."""
+    if isinstance(record.get("messages"), list):
+        turns, role_key, content_key = record["messages"], "role", "content"
+    elif isinstance(record.get("conversations"), list):
+        turns, role_key, content_key = record["conversations"], "from", "value"
+    else:
+        raise BadLine("no list field 'messages' or 'conversations'")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise BadLine("a turn is not an object")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if role not in ROLES:
+            raise BadLine(f"unknown role {role!r}")
+        if not isinstance(content, str):
+            raise BadLine(f"{content_key} of a {role} turn is not a string")
+        messages.append({"role": ROLES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadLine("no assistant turn")
+    return messages
+
+
+def parse_texts(record):
+    """Every text in a pretraining or SFT record (for tokenizer training)."""
+    if "text" in record:
+        return [parse_text(record)]
+    return [m["content"] for m in parse_conversation(record)]
+
+
+def open_binary(path):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, report=True,
+               max_lines=None):
+    """Yield (line_number, parse(record)) for each good line of a JSONL file, in file order.
+
+    A bad line (invalid UTF-8 or JSON, or rejected by `parse` with BadLine) is skipped and counted; at the
+    end one warning gives the count and the first positions. It stops with DataError on the first bad
+    line when `strict`, when bad lines exceed `max_bad_fraction`, or when no line is good.
+    `keep(line_number)` selects lines before they are parsed; `max_lines` stops early.
+    """
+    seen, bad = 0, []
+    with open_binary(path) as f:
+        for line_number, raw in enumerate(f, 1):
+            if max_lines is not None and line_number > max_lines:
+                break
+            if (keep is not None and not keep(line_number)) or not raw.strip():
+                continue
+            seen += 1
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise BadLine("not a JSON object")
+                value = parse(record)
+            except UnicodeDecodeError:
+                reason = "invalid UTF-8"
+            except json.JSONDecodeError as e:
+                reason = f"invalid JSON ({e.msg})"
+            except BadLine as e:
+                reason = str(e)
+            else:
+                yield line_number, value
+                continue
+            if strict:
+                raise DataError(f"{path}:{line_number}: {reason} (--strict stops at the first bad line)")
+            bad.append((line_number, reason))
+            if seen >= 1000 and len(bad) > max_bad_fraction * seen:
+                raise DataError(_too_many_bad(path, seen, bad, max_bad_fraction))
+    if seen == len(bad):
+        raise DataError(f"{path}: no valid sample" + (f" ({_positions(path, bad)})" if bad else
+                                                      " (the file is empty)"))
+    if len(bad) > max_bad_fraction * seen:
+        raise DataError(_too_many_bad(path, seen, bad, max_bad_fraction))
+    if bad and report:
+        print(f"warning: skipped {len(bad)} bad line(s) of {seen} in {path}: {_positions(path, bad)}",
+              file=sys.stderr)
+
+
+def _positions(path, bad):
+    shown = "; ".join(f"{path}:{line}: {reason}" for line, reason in bad[:3])
+    return shown + (" ..." if len(bad) > 3 else "")
+
+
+def _too_many_bad(path, seen, bad, max_bad_fraction):
+    return (f"{path}: {len(bad)} of the first {seen} lines are bad, more than --max_bad_fraction "
+            f"{max_bad_fraction} ({_positions(path, bad)})")
+
+
+class JsonlDataset(IterableDataset):
+    """The shared machinery: passes over the file, the train/validation split, sharding and skipping.
+
+    Every `val_every`-th line is held out for validation. Subclasses define `_items()`, the items of one
+    pass in global order, and `_encode(item)`, the sample dict, run only for the items this process owns.
+    """
+
+    def __init__(self, data_path, tokenizer, max_length, *, split="train", epochs=1, rank=0,
+                 world_size=1, batch_size=1, start_sample=0, strict=False, max_bad_fraction=0.01,
+                 val_every=200):
+        assert split in ("train", "val"), split
+        self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
+        self.split, self.epochs, self.val_every = split, epochs, val_every
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.start_sample, self.strict, self.max_bad_fraction = start_sample, strict, max_bad_fraction
+
+    def _keep_line(self, line_number):
+        held_out = line_number % self.val_every == 0
+        return held_out if self.split == "val" else not held_out
+
+    def _records(self, report=True):
+        return read_jsonl(self.data_path, self.parse, keep=self._keep_line, strict=self.strict,
+                          max_bad_fraction=self.max_bad_fraction, report=report)
+
+    def _is_reporter(self):
+        info = get_worker_info()
+        return self.rank == 0 and (info is None or info.id == 0)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = 0  # global sample index, counted across epochs
+        for _ in range(self.epochs):
+            for item in self._items():
+                relative = index - self.start_sample
+                index += 1
+                if relative < 0 or relative % self.world_size != self.rank:
+                    continue
+                local_batch = (relative // self.world_size) // self.batch_size
+                if local_batch % num_workers == worker:
+                    yield self._encode(item)
+
+
+class PretrainDataset(JsonlDataset):
+    """Documents joined by <|endoftext|> and cut into full blocks of max_length tokens: no padding."""
+
+    parse = staticmethod(parse_text)
+
+    def __init__(self, data_path, tokenizer, max_length, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        self.end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert self.end_of_text is not None, "the tokenizer has no <|endoftext|> token"
+
+    def _documents(self, chunk_lines=1024):
+        """Token arrays of the documents, each ending with <|endoftext|>, tokenized in batches."""
+        chunk = []
+        records = self._records(report=self._is_reporter())
+        for _, text in records:
+            chunk.append(text)
+            if len(chunk) == chunk_lines:
+                yield from self._tokenize(chunk)
+                chunk = []
+        yield from self._tokenize(chunk)
+
+    def _tokenize(self, texts):
+        if not texts:
+            return
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            yield np.array(ids + [self.end_of_text], dtype=np.int64)
+
+    def _items(self):
+        pending, pending_len = [], 0
+        for doc in self._documents():
+            pending.append(doc)
+            pending_len += len(doc)
+            if pending_len >= self.max_length:
+                stream = np.concatenate(pending)
+                full = len(stream) // self.max_length * self.max_length
+                yield from stream[:full].reshape(-1, self.max_length)
+                pending, pending_len = [stream[full:]], len(stream) - full
+
+    def _encode(self, block):
+        ids = torch.from_numpy(block.copy())
+        return {"input_ids": ids, "labels": ids}
+
+
+class SFTDataset(JsonlDataset):
+    """Conversations rendered with the tokenizer's chat template; loss only on what the assistant says.
+
+    The template's {% generation %} block marks each assistant turn's content and its <|im_end|>, so the
+    model learns to end its answers. Conversations are sorted by length inside windows of 64 global
+    batches, so a padded batch holds similar lengths; the windows keep the order global.
+    """
+
+    parse = staticmethod(parse_conversation)
+
+    def __init__(self, data_path, tokenizer, max_length, window_batches=64, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        self.window = window_batches * self.batch_size * self.world_size
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
+                            "SFT needs one (train it with tokenizer.py)")
+
+    def _items(self):
+        window = []
+        for _, messages in self._records(report=self._is_reporter()):
+            window.append(messages)
+            if len(window) == self.window:
+                yield from sorted(window, key=conversation_length)
+                window = []
+        yield from sorted(window, key=conversation_length)
+
+    def _encode(self, messages):
+        return encode_conversation(self.tokenizer, messages, self.max_length)
+
+
+def conversation_length(messages):
+    return sum(len(m["content"]) for m in messages)
+
+
+def encode_conversation(tokenizer, messages, max_length):
+    """input_ids and labels (-100 outside the assistant's spans), truncated to max_length tokens."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    ids = torch.tensor(encoded["input_ids"][:max_length], dtype=torch.long)
+    mask = torch.tensor(encoded["assistant_masks"][:max_length], dtype=torch.bool)
+    return {"input_ids": ids, "labels": torch.where(mask, ids, -100)}
+
+
+def collate(samples, pad_id):
+    """Pad a batch to its own longest sample (right padding: causal attention never sees it)."""
+    width = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100, dtype=torch.long)
+    for row, s in enumerate(samples):
+        input_ids[row, :len(s["input_ids"])] = s["input_ids"]
+        labels[row, :len(s["labels"])] = s["labels"]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def estimate_samples_per_epoch(dataset, probe_lines=2000):
+    """Training samples in one pass, from the first lines and the file size (a stream has no length).
+
+    Reading these lines through the dataset's parser also checks the file before any training starts:
+    an empty file, one with no valid line or too many bad ones stops here with DataError.
+    """
+    values = [v for _, v in read_jsonl(dataset.data_path, dataset.parse, strict=dataset.strict,
+                                       max_bad_fraction=dataset.max_bad_fraction, report=False,
+                                       max_lines=probe_lines)]
+    with open_binary(dataset.data_path) as f:
+        probe_bytes = sum(len(line) for _, line in zip(range(probe_lines), f))
+        rest = f.read(64 << 20)  # for .gz, the uncompressed size is only known by reading it
+        total_bytes = probe_bytes + len(rest) + (0 if len(rest) < 64 << 20 else
+                                                 max(0, os.path.getsize(dataset.data_path) - (64 << 20)))
+    scale = total_bytes / probe_bytes * (1 - 1 / dataset.val_every)
+    if isinstance(dataset, PretrainDataset):
+        tokens = sum(len(doc) for doc in dataset._tokenize(values))
+        return max(1, int(tokens * scale / dataset.max_length))
+    return max(1, int(len(values) * scale))

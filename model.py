@@ -1,0 +1,354 @@
+"""A LLaMA2-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Read top to bottom: config, building blocks, the Transformer, generation, then saving and loading in
+Hugging Face's Llama layout so that `transformers.LlamaForCausalLM` loads our checkpoints unchanged.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    vocab_size: int = 6144
+    hidden_dim: int = 0  # 0: derived from dim like LLaMA, 2/3 of 4*dim rounded up to multiple_of
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        assert self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"
+        assert self.n_heads % self.n_kv_heads == 0, \
+            f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+        if not self.hidden_dim:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even under autocast: the mean of squares underflows in half precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+def rope_cos_sin(head_dim, max_seq_len, theta):
+    """cos/sin tables of shape (max_seq_len, head_dim) in HF's "rotate half" layout.
+
+    Each frequency appears twice, once for each half of the head, so q/k weights need no permutation
+    to match `LlamaForCausalLM` (Meta's original code rotates interleaved pairs instead).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled in place as generation proceeds."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0  # positions already filled
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_id, k, v)
+        # A single new token may look at everything cached; a longer chunk needs the causal mask, which
+        # SDPA's is_causal only gives when queries and keys start at the same position.
+        assert past == 0 or seq == 1, "extend a KV cache one token at a time after the prompt"
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=seq > 1, enable_gqa=self.n_heads != self.n_kv_heads,
+            dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down, back to the residual
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied, as in HF's tie_word_embeddings
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2*n_layers), so
+        # the residual stream's variance does not grow with depth. Only wo and w2 write to the residual.
+        for name, param in self.named_parameters():
+            if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), lm_head
+        included, plus attention's two (seq x seq) matmuls. Under the causal mask a token attends to
+        seq/2 positions on average, so attention counts 6 * n_layers * dim * seq, half of full attention."""
+        c = self.config
+        matmul_weights = self.num_params() - c.dim * (2 * c.n_layers + 1)  # all but the norms
+        return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
+
+    def forward(self, input_ids, labels=None, cache=None, num_items_in_batch=None):
+        """labels are aligned with input_ids (-100: no loss) and shifted here, as in HF.
+
+        The loss is the mean over this batch's labelled tokens, or, given num_items_in_batch (as in HF),
+        their sum divided by it: under gradient accumulation that weights every token of the optimizer
+        step equally, however the tokens are spread over micro-batches.
+        """
+        seq = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        assert start + seq <= self.config.max_seq_len, \
+            f"sequence of {start + seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
+        cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
+        h = self.dropout(self.tok_embeddings(input_ids))
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.length += seq
+        h = self.norm(h)
+        if labels is None:
+            # Generation needs only the last position's distribution: skip the other lm_head rows.
+            return SimpleNamespace(logits=self.output(h[:, -1:] if cache is not None else h), loss=None)
+        logits = self.output(h)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                               labels[:, 1:].reshape(-1), ignore_index=-100,
+                               reduction="mean" if num_items_in_batch is None else "sum")
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        return SimpleNamespace(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, streamer=None):
+        """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
+
+        temperature 0 is greedy. Sequences that produced eos_token_id are padded with it until all
+        are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
+        """
+        was_training = self.training
+        self.eval()
+        batch, prompt_len = input_ids.shape
+        total = min(prompt_len + max_new_tokens, self.config.max_seq_len)
+        assert prompt_len < total, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
+        tokens = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
+        tokens[:, :prompt_len] = input_ids
+        cache = KVCache(self.config, batch, total, input_ids.device, self.tok_embeddings.weight.dtype)
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        next_input = input_ids
+        for pos in range(prompt_len, total):
+            logits = self(next_input, cache=cache).logits[:, -1].float()
+            next_token = sample_next_token(logits, temperature, top_k, top_p)
+            if eos_token_id is not None:
+                next_token = torch.where(done, eos_token_id, next_token)
+                done |= next_token == eos_token_id
+            tokens[:, pos] = next_token
+            if streamer is not None:
+                streamer(next_token)
+            next_input = next_token[:, None]
+            # One device-to-host sync per token, only when there is something to stop on.
+            if eos_token_id is not None and bool(done.all()):
+                pos += 1
+                break
+        else:
+            pos = total
+        self.train(was_training)
+        return tokens[:, :pos]
+
+    # --- Hugging Face Llama layout --------------------------------------------------------------
+
+    def save_pretrained(self, out_dir, state_dict=None, token_ids=None):
+        """config.json and model.safetensors as LlamaForCausalLM has them (lm_head is tied: not stored).
+
+        state_dict: our weights when they live elsewhere (gathered from DDP or FSDP); token_ids: the
+        tokenizer's bos/eos/pad ids for config.json."""
+        from safetensors.torch import save_file
+        from transformers import LlamaConfig
+        os.makedirs(out_dir, exist_ok=True)
+        c = self.config
+        hf_config = LlamaConfig(
+            hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+            rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
+            tie_word_embeddings=True, attention_dropout=c.dropout, hidden_act="silu",
+            architectures=["LlamaForCausalLM"], dtype="float32", **(token_ids or {}))
+        hf_config.save_pretrained(out_dir)
+        # Our own fields too, so that multiple_of and dropout survive a round trip.
+        with open(os.path.join(out_dir, "tiny_llm_config.json"), "w") as f:
+            json.dump(asdict(c), f, indent=2)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        weights = {to_hf_name(name): tensor.detach().float().contiguous().cpu()
+                   for name, tensor in state_dict.items() if name != "output.weight"}
+        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model_dir, strict=True):
+        from safetensors.torch import load_file
+        config = load_config(model_dir)
+        model = cls(config)
+        hf_weights = load_file(os.path.join(model_dir, "model.safetensors"))
+        state = {from_hf_name(k): v for k, v in hf_weights.items() if k != "lm_head.weight"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "output.weight"]  # tied to tok_embeddings
+        if strict and (missing or unexpected):
+            raise ValueError(f"{model_dir}: weights do not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model
+
+
+def load_config(model_dir):
+    """ModelConfig from our own file when present, else from a plain HF Llama config.json."""
+    ours = os.path.join(model_dir, "tiny_llm_config.json")
+    if os.path.exists(ours):
+        with open(ours) as f:
+            return ModelConfig(**json.load(f))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    rope_theta = hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"],
+                       n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                       vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
+                       norm_eps=hf["rms_norm_eps"], max_seq_len=hf["max_position_embeddings"],
+                       rope_theta=rope_theta)
+
+
+# Our parameter names (llama2.c style) and HF's, module by module.
+_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _rename(name, top, layer, layer_prefix):
+    """Rename `module.param` with the two tables; names they do not know come back unchanged."""
+    module, param = name.rsplit(".", 1)
+    if name.startswith(layer_prefix):
+        index, sub = module[len(layer_prefix):].split(".", 1)
+        return f"{top['layers']}{index}.{layer.get(sub, sub)}.{param}"
+    return f"{top.get(module, module)}.{param}"
+
+
+def to_hf_name(name):
+    return _rename(name, {**_TOP_NAMES, "layers": "model.layers."}, _LAYER_NAMES, "layers.")
+
+
+def from_hf_name(name):
+    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
+    layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    return _rename(name, {**top, "layers": "layers."}, layer, "model.layers.")
+
+
+def sample_next_token(logits, temperature, top_k, top_p):
+    """Next ids (batch,) from logits (batch, vocab), on the logits' device."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; the first one always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(-1)
+

@@ -1,0 +1,83 @@
+"""Train a byte-level BPE tokenizer with ChatML special tokens and save it for `AutoTokenizer`.
+
+Byte-level BPE with no normalizer: every string encodes and decodes back to itself, full-width
+punctuation and emoji included. The corpus is sampled under a byte budget and streamed, so a corpus of
+any size trains in bounded memory.
+"""
+import argparse
+import math
+import os
+import sys
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from dataset import DataError, parse_texts, read_jsonl
+
+END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eos token
+PAD = "<|pad|>"  # a token of its own: padding must never be confused with eos
+SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, PAD]
+
+# ChatML. The {% generation %} block marks what the model is trained to produce (the assistant's content
+# and its closing <|im_end|>), so SFTDataset takes its loss mask from the template itself.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}"
+    "{%- else %}{{- message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def sample_texts(paths, max_train_bytes):
+    """Yield texts from JSONL files, keeping every k-th line so that about max_train_bytes are used."""
+    total = sum(os.path.getsize(p) for p in paths)
+    stride = max(1, math.ceil(total / max_train_bytes))
+    used = 0
+    for path in paths:
+        for _, texts in read_jsonl(path, parse_texts, keep=lambda n: n % stride == 0):
+            for text in texts:
+                used += len(text.encode("utf-8"))
+                yield text
+    print(f"tokenizer trained on {used / 1e6:.1f} MB of text (every {stride}. line of "
+          f"{total / 1e6:.1f} MB on disk; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
+
+
+def train_tokenizer(paths, vocab_size, max_train_bytes=2_000_000_000):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())
+    tokenizer.train_from_iterator(sample_texts(paths, max_train_bytes), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD,
+                                   chat_template=CHAT_TEMPLATE, model_max_length=1_000_000)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_path", nargs="+", default=["data/pretrain_poetry.jsonl.gz"],
+                        help="JSONL files (.jsonl or .jsonl.gz) with text, messages or conversations")
+    parser.add_argument("--vocab_size", type=int, default=6144)
+    parser.add_argument("--out_dir", default="custom_tokenizer")
+    parser.add_argument("--max_train_bytes", type=int, default=2_000_000_000,
+                        help="sample the corpus down to about this many bytes (2 GB fits a 16 GB laptop)")
+    args = parser.parse_args()
+    for path in args.data_path:
+        if not os.path.isfile(path):
+            sys.exit(f"error: data file {path} does not exist")
+    try:
+        tokenizer = train_tokenizer(args.data_path, args.vocab_size, args.max_train_bytes)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    tokenizer.save_pretrained(args.out_dir)
+    print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out_dir}/")
+
+
+if __name__ == "__main__":
+    main()

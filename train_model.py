@@ -1,0 +1,565 @@
+"""Pretrain or fine-tune (SFT) a Tiny-LLM model, on one CPU or GPU or, under torchrun, on many.
+
+    python train_model.py --data_path data/pretrain_poetry.jsonl.gz --out_dir base_model
+    python train_model.py --data_path data/sft_poetry.jsonl.gz --init_from base_model --out_dir sft_model
+    torchrun --nproc_per_node 8 train_model.py ...   (DDP; add --fsdp to shard the model)
+
+A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
+--max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
+directory; out_dir/metrics.jsonl logs every --log_interval steps and every evaluation.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import DataError, PretrainDataset, SFTDataset, collate, estimate_samples_per_epoch
+from model import ModelConfig, Transformer
+
+STATE_FILE = "training_state.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out", help="where the model, checkpoints and metrics go")
+    p.add_argument("--data_path", default="data/pretrain_poetry.jsonl.gz", help="JSONL or JSONL.gz")
+    p.add_argument("--tokenizer_path", default="custom_tokenizer")
+    p.add_argument("--mode", choices=["auto", "pretrain", "sft"], default="auto",
+                   help="auto: sft when the data file name contains 'sft'")
+    p.add_argument("--init_from", default=None, help="model directory to start from (SFT on a base model)")
+    p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the newest in out_dir")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; sets the LR schedule's length")
+    p.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch on each process")
+    p.add_argument("--accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=3e-4, help="peak LR; cosine decays to a tenth")
+    p.add_argument("--warmup_iters", type=int, default=100)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2")
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+        p.add_argument(f"--{field}", type=int, default=getattr(ModelConfig, field))
+    p.add_argument("--dropout", type=float, default=ModelConfig.dropout)
+    p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument("--eval_interval", type=int, default=200)
+    p.add_argument("--eval_batches", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--save_interval", type=int, default=1000, help="checkpoint every N steps; 0: never")
+    p.add_argument("--save_total_limit", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input line")
+    p.add_argument("--max_bad_fraction", type=float, default=0.01, help="stop if more lines are bad")
+    p.add_argument("--max_bad_steps", type=int, default=10,
+                   help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
+    p.add_argument("--use_swanlab", action="store_true", help="log to SwanLab")
+    p.add_argument("--swanlab_mode", default="local", choices=["local", "offline", "online", "disabled"],
+                   help="online needs `swanlab login`; local and offline never ask for anything")
+    p.add_argument("--swanlab_project", default="Tiny-LLM")
+    return p.parse_args(argv)
+
+
+def get_lr(step, learning_rate, warmup_iters, max_steps):
+    """Linear warmup to learning_rate over warmup_iters steps, then cosine down to a tenth of it."""
+    min_lr = learning_rate / 10
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    progress = min(1.0, (step - warmup_iters) / max(1, max_steps - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+class Fatal(Exception):
+    """A problem the user must fix; main() prints it as one line and exits."""
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+
+def setup_distributed(device):
+    """(rank, world_size, device): torchrun sets RANK; each rank gets its own GPU, gloo serves CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def resolve_device_and_dtype(args):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise Fatal(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Fatal(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise Fatal(f"--device {args.device}: only cpu and cuda are supported")
+    dtype = args.dtype
+    if device.type == "cpu":
+        if dtype in ("bfloat16", "float16"):
+            print(f"warning: --dtype {dtype} on CPU is slow (no half-precision units); training in float32",
+                  file=sys.stderr)
+        dtype = "float32"
+    elif dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, getattr(torch, dtype)
+
+
+def check_arguments(args):
+    for name in ("batch_size", "accumulation_steps", "epochs", "max_seq_len", "log_interval",
+                 "eval_interval", "eval_batches", "save_total_limit"):
+        if getattr(args, name) <= 0:
+            raise Fatal(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise Fatal(f"--max_steps must be positive, got {args.max_steps}")
+    if not os.path.isfile(args.data_path):
+        raise Fatal(f"data file {args.data_path} does not exist; pass --data_path")
+    if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
+        raise Fatal(f"no tokenizer in {args.tokenizer_path}; train one with `python tokenizer.py` "
+                    "or pass --tokenizer_path")
+
+
+def training_mode(args):
+    if args.mode != "auto":
+        return args.mode
+    return "sft" if "sft" in os.path.basename(args.data_path).lower() else "pretrain"
+
+
+def build_model(args, tokenizer, resume_dir):
+    """A new model from the arguments, or the weights of --init_from or of the checkpoint to resume."""
+    source = resume_dir or args.init_from
+    if source is None:
+        config = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                             n_kv_heads=args.n_kv_heads, vocab_size=len(tokenizer),
+                             max_seq_len=args.max_seq_len, dropout=args.dropout)
+        return Transformer(config)
+    if not os.path.isfile(os.path.join(source, "model.safetensors")):
+        raise Fatal(f"{source} holds no model.safetensors; pass a directory written by train_model.py")
+    try:
+        model = Transformer.from_pretrained(source, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise Fatal(f"cannot load {source}: {str(e).splitlines()[0]}")
+    if model.config.vocab_size != len(tokenizer):
+        raise Fatal(f"{source} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer in "
+                    f"{args.tokenizer_path} has {len(tokenizer)}; use the tokenizer the model was trained with")
+    if args.max_seq_len > model.config.max_seq_len:
+        raise Fatal(f"--max_seq_len {args.max_seq_len} is longer than the {model.config.max_seq_len} "
+                    f"positions {source} supports; pass --max_seq_len {model.config.max_seq_len} or less")
+    model.config.dropout = args.dropout
+    return model
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weights of matmuls and embeddings decay, norms (1-D parameters) do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly after the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(args, tokenizer, split, rank, world_size, device, start_sample=0):
+    dataset_class = SFTDataset if args.mode == "sft" else PretrainDataset
+    dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, split=split,
+                            epochs=args.epochs if split == "train" else 1, rank=rank,
+                            world_size=world_size, batch_size=args.batch_size, start_sample=start_sample,
+                            strict=args.strict, max_bad_fraction=args.max_bad_fraction)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
+    return dataset, loader
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def fsync_tree(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_dir(path, model, state_dict, tokenizer):
+    """A complete Hugging Face model directory: config, safetensors, tokenizer, generation config."""
+    from transformers import GenerationConfig
+    model.save_pretrained(path, state_dict=state_dict,
+                          token_ids={"bos_token_id": tokenizer.convert_tokens_to_ids("<|im_start|>"),
+                                     "eos_token_id": tokenizer.eos_token_id,
+                                     "pad_token_id": tokenizer.pad_token_id})
+    tokenizer.save_pretrained(path)
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_text], pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=None).save_pretrained(path)
+
+
+def save_atomically(path, write):
+    """Run write(tmp_dir), fsync it, then rename it to path: a crash leaves the old path or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    fsync_tree(tmp)
+    if os.path.isdir(path):
+        old = f"{path}.old{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    fsync_tree(os.path.dirname(os.path.abspath(path)))
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = [int(name.split("-")[1]) for name in os.listdir(out_dir)
+             if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+             and os.path.isfile(os.path.join(out_dir, name, STATE_FILE))]
+    return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def full_state(model, optimizer):
+    """Unsharded model and optimizer state dicts, on CPU, whether the model is plain, DDP or FSDP."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+class Logger:
+    """metrics.jsonl, SwanLab and the progress bar; only rank 0 writes anything."""
+
+    def __init__(self, args, is_main, start_step, total_steps):
+        self.is_main, self.swanlab = is_main, None
+        self.path = os.path.join(args.out_dir, "metrics.jsonl")
+        if not is_main:
+            return
+        os.makedirs(args.out_dir, exist_ok=True)
+        kept = []
+        if start_step > 0 and os.path.exists(self.path):
+            # A resumed run continues the file; entries past the checkpoint are redone, so they go.
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        if args.use_swanlab:
+            import swanlab
+            self.swanlab = swanlab.init(project=args.swanlab_project, mode=args.swanlab_mode,
+                                        config=vars(args), log_dir=os.path.join(args.out_dir, "swanlog"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=args.mode, dynamic_ncols=True,
+                        disable=None)
+
+    def log(self, record):
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.swanlab is not None:
+            self.swanlab.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def write(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def close(self):
+        if self.is_main:
+            self.bar.close()
+            if self.swanlab is not None:
+                self.swanlab.finish()
+
+
+def all_reduce_sum(values, device, world_size):
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, autocast, world_size):
+    """Validation loss per token, over --eval_batches batches on each rank, averaged over all ranks."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i == args.eval_batches:
+            break
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast:
+            loss_sum += model(input_ids, labels=labels, num_items_in_batch=1).loss.item()
+        tokens += int((labels[:, 1:] != -100).sum())
+    model.train()
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device, world_size)
+    return loss_sum / max(tokens, 1)
+
+
+def measure_matmul_flops(device, dtype, size=1024, seconds=0.5):
+    """This device's achieved matmul FLOP/s, the denominator of MFU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def train(args):
+    check_arguments(args)
+    device, dtype = resolve_device_and_dtype(args)
+    rank, world_size, device = setup_distributed(device)
+    is_main = rank == 0
+    args.mode = training_mode(args)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    if args.mode == "sft" and not tokenizer.chat_template:
+        raise Fatal(f"{args.tokenizer_path} has no chat template, which SFT needs; train the tokenizer "
+                    "with tokenizer.py")
+
+    resume_dir = args.resume
+    if resume_dir == "auto":
+        checkpoints = list_checkpoints(args.out_dir)
+        resume_dir = checkpoints[-1] if checkpoints else None
+        if is_main:
+            print(f"resuming from {resume_dir}" if resume_dir else f"no checkpoint in {args.out_dir}; "
+                  "starting from scratch")
+    if resume_dir and not os.path.isfile(os.path.join(resume_dir, STATE_FILE)):
+        raise Fatal(f"{resume_dir} is not a checkpoint (no {STATE_FILE}); pass a checkpoint-N directory")
+    state = torch.load(os.path.join(resume_dir, STATE_FILE), weights_only=False) if resume_dir else None
+
+    torch.manual_seed(args.seed)
+    model = build_model(args, tokenizer, resume_dir)
+    if args.mode == "sft" and args.init_from is None and resume_dir is None and is_main:
+        print("warning: SFT on a randomly initialised model; pass --init_from a pretrained model",
+              file=sys.stderr)
+    if args.max_seq_len > model.config.max_seq_len:
+        raise Fatal(f"--max_seq_len {args.max_seq_len} exceeds the model's {model.config.max_seq_len}")
+    raw_model = model.to(device)
+    flops_per_token = raw_model.flops_per_token(args.max_seq_len)
+    if world_size > 1 and args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in raw_model.layers:
+            fully_shard(block, mp_policy=policy)
+        model = fully_shard(raw_model, mp_policy=policy)
+    elif world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, args, device)
+    start_step, samples_seen, tokens_seen = 0, 0, 0
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+    # `model` (plain, DDP or FSDP) owns the state dicts and gradient sync; `forward` may be compiled.
+    forward = torch.compile(model) if args.compile else model
+
+    samples_per_step = args.batch_size * args.accumulation_steps * world_size
+    train_set, train_loader = make_loader(args, tokenizer, "train", rank, world_size, device, samples_seen)
+    _, val_loader = make_loader(args, tokenizer, "val", rank, world_size, device)
+    estimated_steps = math.ceil(estimate_samples_per_epoch(train_set) * args.epochs / samples_per_step)
+    max_steps = args.max_steps or estimated_steps
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_amp = dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
+    # Loss scaling exists for float16's narrow range; bfloat16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    peak_flops = measure_matmul_flops(device, dtype)
+
+    logger = Logger(args, is_main, start_step, max_steps)
+    if is_main:
+        logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
+                     f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
+                     f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def save_checkpoint(step):
+        model_state, optimizer_state = full_state(model, optimizer)
+        if is_main:
+            path = os.path.join(args.out_dir, f"checkpoint-{step}")
+
+            def write(tmp):
+                write_model_dir(tmp, raw_model, model_state, tokenizer)
+                torch.save({"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
+                            "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                            "args": vars(args)}, os.path.join(tmp, STATE_FILE))
+            save_atomically(path, write)
+            for old in list_checkpoints(args.out_dir)[:-args.save_total_limit]:
+                shutil.rmtree(old)
+        if world_size > 1:
+            dist.barrier()  # nobody reads or resumes from a checkpoint that is still being written
+        return os.path.join(args.out_dir, f"checkpoint-{step}")
+
+    model.train()
+    batches = iter(train_loader)
+    bad_steps_in_row, step, val_loss = 0, start_step, None
+    interval_start, interval_tokens = time.perf_counter(), 0
+    while step < max_steps or args.max_steps is None:
+        # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
+        torch.manual_seed(args.seed + 1_000_003 * step + rank)
+        lr = get_lr(step, args.learning_rate, args.warmup_iters, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
+                         if b is not None]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        short_ranks, step_tokens = all_reduce_sum(
+            [len(micro_batches) < args.accumulation_steps, local_tokens], device, world_size)
+        if short_ranks:
+            break  # the data is used up (on some rank): drop the incomplete last step everywhere
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            # Gradients are averaged over ranks after the last micro-batch only (set before its forward).
+            sync = i == len(micro_batches) - 1
+            if world_size > 1 and args.fsdp:
+                model.set_requires_gradient_sync(sync)
+            no_sync = model.no_sync() if world_size > 1 and not args.fsdp and not sync else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    # DDP and FSDP average gradients over ranks, hence world_size / all tokens of the step.
+                    loss = forward(input_ids, labels=labels, num_items_in_batch=step_tokens / world_size).loss
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        step_loss = all_reduce_sum([loss_sum.item()], device, world_size)[0] / world_size
+        finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(float(grad_norm)))
+        if finite:
+            scaler.step(optimizer)  # with float16, GradScaler itself skips steps with inf gradients
+            scaler.update()
+            bad_steps_in_row = 0
+        else:
+            bad_steps_in_row += 1
+            logger.write(f"step {step + 1}: non-finite loss {step_loss} or gradient norm {float(grad_norm)}; "
+                         "skipped the update")
+            if bad_steps_in_row >= args.max_bad_steps:
+                raise Fatal(f"{bad_steps_in_row} steps in a row had a non-finite loss or gradient; stopping. "
+                            "Lower --learning_rate, check the data, or resume from the last checkpoint")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        samples_seen += samples_per_step
+        tokens_seen += int(step_tokens)
+        interval_tokens += int(step_tokens)
+
+        if is_main:
+            logger.bar.update(1)
+        if step % args.log_interval == 0 or step == max_steps:
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_sec = interval_tokens / elapsed
+            # MFU counts all positions (padding too): it measures the hardware, not the data.
+            mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
+            logger.log({"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens_seen,
+                        "tokens_per_sec": round(tokens_per_sec, 1),
+                        "tokens_per_sec_per_device": round(tokens_per_sec / world_size, 1),
+                        "mfu": round(mfu, 4), "grad_norm": round(float(grad_norm), 4)})
+            if is_main:
+                logger.bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}",
+                                       mfu=f"{mfu:.1%}")
+            interval_start, interval_tokens = time.perf_counter(), 0
+        if step % args.eval_interval == 0:
+            val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
+            logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
+            logger.write(f"step {step}: val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+            interval_start = time.perf_counter()
+        if args.save_interval and step % args.save_interval == 0:
+            save_checkpoint(step)
+        if stop_signal:
+            path = save_checkpoint(step)
+            logger.write(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint in {path}.\n"
+                         f"resume with: {resume_command(path)}")
+            logger.close()
+            return None
+
+    if step % args.eval_interval != 0:
+        val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
+        logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
+    model_state, _ = full_state(model, optimizer) if world_size > 1 else (raw_model.state_dict(), None)
+    if is_main:
+        save_final_model(args.out_dir, raw_model, model_state, tokenizer)
+    if world_size > 1:
+        dist.barrier()
+    logger.close()
+    if is_main:
+        print(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, final val_loss {val_loss:.4f} "
+              f"(perplexity {math.exp(val_loss):.2f}); model saved to {args.out_dir}/")
+    return val_loss
+
+
+def save_final_model(out_dir, model, state_dict, tokenizer):
+    """The final model goes into out_dir itself, file by file with atomic renames (out_dir also holds
+    the checkpoints and metrics, so it cannot be swapped whole)."""
+    staging = os.path.join(out_dir, ".final.tmp")
+    save_atomically(staging, lambda tmp: write_model_dir(tmp, model, state_dict, tokenizer))
+    for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
+
+
+def resume_command(checkpoint):
+    argv = [a for a in sys.argv]
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        del argv[i:i + 2]
+    launcher = "torchrun <same options>" if "RANK" in os.environ else "python"
+    return " ".join([launcher, *argv, "--resume", checkpoint])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (Fatal, DataError) as e:
+        # From a DataLoader worker the message carries the worker's traceback; its last line is ours.
+        last_line = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        sys.exit(f"error: {last_line.split('DataError: ', 1)[-1]}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
