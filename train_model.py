@@ -164,6 +164,11 @@ def build_model(args, tokenizer, resume_dir):
     return model
 
 
+def make_grad_scaler(device, dtype):
+    """Loss scaling exists for float16's narrow range; bfloat16 has float32's range and needs none."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def make_optimizer(model, args, device):
     """AdamW; weights of matmuls and embeddings decay, norms (1-D parameters) do not."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -399,8 +404,7 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
     use_amp = dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if use_amp else contextlib.nullcontext()
-    # Loss scaling exists for float16's narrow range; bfloat16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_grad_scaler(device, dtype)
     if state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     peak_flops = measure_matmul_flops(device, dtype)

@@ -1,0 +1,140 @@
+"""Sample from a trained model: one completion, or a multi-turn chat that streams its answer.
+
+    python generate.py --model base_model --prompt "《静夜思》 李白"
+    python generate.py --model sft_model --chat                      (interactive; empty line or Ctrl-D ends)
+    python generate.py --model sft_model --chat --prompt "请背诵《静夜思》"   (one chat turn)
+
+Only the new text goes to stdout.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from model import Transformer
+
+
+class TextStreamer:
+    """Prints new text as tokens arrive; holds back bytes of a character that is not complete yet."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids, self.printed = [], 0
+
+    def __call__(self, token_ids):
+        self.ids.append(int(token_ids[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def load(model_dir, device):
+    from transformers import AutoTokenizer
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        sys.exit(f"error: {model_dir} holds no model.safetensors; pass a directory written by train_model.py")
+    model = Transformer.from_pretrained(model_dir).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def reply(model, tokenizer, messages, args, stream=True):
+    """The assistant's answer to the conversation so far, streamed to stdout when `stream`."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    new_ids = complete(model, tokenizer, prompt, args, tokenizer.eos_token_id,
+                       TextStreamer(tokenizer) if stream else None)
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def complete(model, tokenizer, prompt_ids, args, eos_token_id, streamer=None):
+    """New token ids after prompt_ids (a list), ending at eos_token_id or after max_new_tokens."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, eos_token_id=eos_token_id, streamer=streamer)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def chat(model, tokenizer, args):
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        answer = reply(model, tokenizer, messages, args)
+        print()
+        messages.append({"role": "assistant", "content": answer})
+
+
+def eos_rate(model, tokenizer, data_path, prompts=20, max_new_tokens=200):
+    """Share of held-out conversations whose greedy answer ends with <|im_end|> by itself.
+
+    Held out: the SFT validation lines that train_model.py never trains on; the prompt is each
+    conversation up to its last user turn.
+    """
+    from dataset import SFTDataset
+    held_out = SFTDataset(data_path, tokenizer, max_length=model.config.max_seq_len, split="val")
+    args = argparse.Namespace(max_new_tokens=max_new_tokens, temperature=0, top_k=None, top_p=None)
+    ended = asked = 0
+    for _, messages in held_out._records():
+        prompt_messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        new_ids = complete(model, tokenizer, prompt, args, tokenizer.eos_token_id)
+        ended += tokenizer.eos_token_id in new_ids
+        asked += 1
+        if asked == prompts:
+            break
+    return ended / asked, asked
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory written by train_model.py")
+    p.add_argument("--prompt", default=None, help="text to complete (with --chat: one user message)")
+    p.add_argument("--chat", action="store_true", help="use the chat template; without --prompt, interactive")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eos_check", default=None, metavar="SFT_JSONL",
+                   help="report how often greedy answers to 20 held-out prompts end with <|im_end|>")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load(args.model, args.device)
+    if args.eos_check:
+        rate, asked = eos_rate(model, tokenizer, args.eos_check, max_new_tokens=args.max_new_tokens)
+        print(f"the model ended its answer with <|im_end|> by itself on {rate:.0%} of {asked} held-out "
+              f"prompts (within {args.max_new_tokens} new tokens)")
+    elif args.chat and args.prompt is None:
+        chat(model, tokenizer, args)
+    elif args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args)
+        print()
+    elif args.prompt is not None:
+        prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+        complete(model, tokenizer, prompt, args, tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                 TextStreamer(tokenizer))
+        print()
+    else:
+        sys.exit("error: pass --prompt TEXT, or --chat for a conversation")
+
+
+if __name__ == "__main__":
+    main()
