@@ -7,6 +7,7 @@ batch b see, per step, the same samples as one process with batch N*b, and a run
 skipping the samples it already trained on (`start_sample`).
 """
 import gzip
+import hashlib
 import json
 import os
 import sys
@@ -167,14 +168,20 @@ class JsonlDataset(IterableDataset):
 
 
 class PretrainDataset(JsonlDataset):
-    """Documents joined by <|endoftext|> and cut into full blocks of max_length tokens: no padding."""
+    """Documents joined by <|endoftext|> and cut into full blocks of max_length tokens: no padding.
+
+    With `token_cache` (a file made by `build_token_cache`) the training split's token stream is read
+    from disk with numpy.memmap instead of being tokenized again: the same blocks in the same order.
+    """
 
     parse = staticmethod(parse_text)
 
-    def __init__(self, data_path, tokenizer, max_length, **kwargs):
+    def __init__(self, data_path, tokenizer, max_length, token_cache=None, **kwargs):
         super().__init__(data_path, tokenizer, max_length, **kwargs)
         self.end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         assert self.end_of_text is not None, "the tokenizer has no <|endoftext|> token"
+        assert token_cache is None or self.split == "train", "the token cache holds the training split"
+        self.token_cache = token_cache
 
     def _documents(self, chunk_lines=1024):
         """Token arrays of the documents, each ending with <|endoftext|>, tokenized in batches."""
@@ -194,6 +201,11 @@ class PretrainDataset(JsonlDataset):
             yield np.array(ids + [self.end_of_text], dtype=np.int64)
 
     def _items(self):
+        if self.token_cache is not None:
+            stream = np.memmap(self.token_cache, dtype=cache_dtype(self.tokenizer), mode="r")
+            full = len(stream) // self.max_length * self.max_length
+            yield from (block.astype(np.int64) for block in stream[:full].reshape(-1, self.max_length))
+            return
         pending, pending_len = [], 0
         for doc in self._documents():
             pending.append(doc)
@@ -237,6 +249,44 @@ class SFTDataset(JsonlDataset):
 
     def _encode(self, messages):
         return encode_conversation(self.tokenizer, messages, self.max_length)
+
+
+def cache_dtype(tokenizer):
+    return np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+
+
+def token_cache_fingerprint(dataset):
+    """What the cached tokens depend on: the data file, the tokenizer and the train/validation split."""
+    with open(os.path.join(dataset.tokenizer.name_or_path, "tokenizer.json"), "rb") as f:
+        tokenizer_digest = hashlib.sha256(f.read()).hexdigest()
+    stat = os.stat(dataset.data_path)
+    return {"data_path": os.path.abspath(dataset.data_path), "size": stat.st_size, "mtime": stat.st_mtime,
+            "tokenizer_sha256": tokenizer_digest, "val_every": dataset.val_every}
+
+
+def build_token_cache(dataset, path):
+    """Tokenize the training split once into `path` (uint16 or uint32 ids), unless it is up to date.
+
+    The stream is written in pieces and renamed into place when complete, with its fingerprint beside
+    it in `path`.json; returns True when it had to be built.
+    """
+    fingerprint = token_cache_fingerprint(dataset)
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) == fingerprint:
+                return False
+    tmp = f"{path}.tmp{os.getpid()}"
+    dtype = cache_dtype(dataset.tokenizer)
+    with open(tmp, "wb") as f:
+        for doc in dataset._documents():
+            f.write(doc.astype(dtype).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with open(meta_path, "w") as f:
+        json.dump(fingerprint, f)
+    return True
 
 
 def conversation_length(messages):

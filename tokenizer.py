@@ -42,11 +42,11 @@ def sample_texts(paths, max_train_bytes):
             for text in texts:
                 used += len(text.encode("utf-8"))
                 yield text
-    print(f"tokenizer trained on {used / 1e6:.1f} MB of text (every {stride}. line of "
+    print(f"tokenizer trained on {used / 1e6:.1f} MB of text (1 line in {stride} of "
           f"{total / 1e6:.1f} MB on disk; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
 
 
-def train_tokenizer(paths, vocab_size, max_train_bytes=2_000_000_000):
+def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -65,8 +65,10 @@ def main():
                         help="JSONL files (.jsonl or .jsonl.gz) with text, messages or conversations")
     parser.add_argument("--vocab_size", type=int, default=6144)
     parser.add_argument("--out_dir", default="custom_tokenizer")
-    parser.add_argument("--max_train_bytes", type=int, default=2_000_000_000,
-                        help="sample the corpus down to about this many bytes (2 GB fits a 16 GB laptop)")
+    parser.add_argument("--max_train_bytes", type=int, default=100_000_000,
+                        help="sample the corpus down to about this many bytes. BPE training holds every "
+                             "distinct word: about 70 bytes of memory per byte of Chinese text, so the "
+                             "default 100 MB needs about 7 GB")
     args = parser.parse_args()
     for path in args.data_path:
         if not os.path.isfile(path):

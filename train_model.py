@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import DataError, PretrainDataset, SFTDataset, collate, estimate_samples_per_epoch
+from dataset import (DataError, PretrainDataset, SFTDataset, build_token_cache, collate,
+                     estimate_samples_per_epoch)
 from model import ModelConfig, Transformer
 
 STATE_FILE = "training_state.pt"
@@ -62,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--save_total_limit", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--token_cache", default=None, metavar="PATH",
+                   help="pretraining: tokenize the data once into PATH (memmap) and read it from there; "
+                        "for several epochs or many GPUs")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input line")
     p.add_argument("--max_bad_fraction", type=float, default=0.01, help="stop if more lines are bad")
     p.add_argument("--max_bad_steps", type=int, default=10,
@@ -111,7 +115,7 @@ def resolve_device_and_dtype(args):
         raise Fatal(f"--device {args.device}: only cpu and cuda are supported")
     dtype = args.dtype
     if device.type == "cpu":
-        if dtype in ("bfloat16", "float16"):
+        if dtype in ("bfloat16", "float16") and os.environ.get("RANK", "0") == "0":
             print(f"warning: --dtype {dtype} on CPU is slow (no half-precision units); training in float32",
                   file=sys.stderr)
         dtype = "float32"
@@ -153,7 +157,7 @@ def build_model(args, tokenizer, resume_dir):
     try:
         model = Transformer.from_pretrained(source, strict=True)
     except (ValueError, RuntimeError) as e:
-        raise Fatal(f"cannot load {source}: {str(e).splitlines()[0]}")
+        raise Fatal(f"cannot load {source}: {' '.join(str(e).split())[:300]}")
     if model.config.vocab_size != len(tokenizer):
         raise Fatal(f"{source} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer in "
                     f"{args.tokenizer_path} has {len(tokenizer)}; use the tokenizer the model was trained with")
@@ -178,20 +182,24 @@ def make_optimizer(model, args, device):
                              fused=device.type == "cuda")
 
 
-def ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly after the step."""
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops after the step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(args, tokenizer, split, rank, world_size, device, start_sample=0):
-    dataset_class = SFTDataset if args.mode == "sft" else PretrainDataset
+    if args.mode == "sft":
+        dataset_class = SFTDataset
+    else:
+        dataset_class = partial(PretrainDataset, token_cache=args.token_cache if split == "train" else None)
     dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, split=split,
                             epochs=args.epochs if split == "train" else 1, rank=rank,
                             world_size=world_size, batch_size=args.batch_size, start_sample=start_sample,
                             strict=args.strict, max_bad_fraction=args.max_bad_fraction)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     return dataset, loader
 
 
@@ -395,6 +403,14 @@ def train(args):
     forward = torch.compile(model) if args.compile else model
 
     samples_per_step = args.batch_size * args.accumulation_steps * world_size
+    if args.token_cache and args.mode == "pretrain":
+        if is_main:
+            cache_builder, _ = make_loader(argparse.Namespace(**{**vars(args), "token_cache": None}),
+                                           tokenizer, "train", 0, 1, device)
+            if build_token_cache(cache_builder, args.token_cache):
+                print(f"tokenized {args.data_path} into {args.token_cache}")
+        if world_size > 1:
+            dist.barrier()
     train_set, train_loader = make_loader(args, tokenizer, "train", rank, world_size, device, samples_seen)
     _, val_loader = make_loader(args, tokenizer, "val", rank, world_size, device)
     estimated_steps = math.ceil(estimate_samples_per_epoch(train_set) * args.epochs / samples_per_step)

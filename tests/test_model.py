@@ -1,0 +1,385 @@
+"""The model against Hugging Face's LlamaForCausalLM, the reference implementation of the architecture.
+
+Our checkpoints are meant to load unchanged as `LlamaForCausalLM`; so HF serves as the oracle for the
+forward pass, the loss and greedy generation. Weights are trained a few steps first, so that they are not
+just the initialisation (norm weights of ones, for instance, would hide a mix-up of the two norms).
+"""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from model import ModelConfig, Transformer
+
+ATOL = 1e-4
+POOL = 32
+
+
+def _quiet_hf():
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _successor_batches(vocab_size, steps, batch=8, seq=32, seed=0):
+    """Sequences that follow a fixed random successor map over a few tokens, so the trained model
+    has something to learn and greedy generation is not one repeated token."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(vocab_size, generator=g)[:POOL]
+    successor = dict(zip(pool.tolist(), pool[torch.randperm(len(pool), generator=g)].tolist()))
+    for _ in range(steps):
+        rows = []
+        for start in pool[torch.randint(len(pool), (batch,), generator=g)].tolist():
+            row = [start]
+            for _ in range(seq - 1):
+                row.append(successor[row[-1]])
+            rows.append(row)
+        ids = torch.tensor(rows)
+        # Some noise, so that every token's embedding gets some gradient too.
+        noise = torch.rand(ids.shape, generator=g) < 0.1
+        ids = torch.where(noise, torch.randint(vocab_size, ids.shape, generator=g), ids)
+        yield ids
+
+
+def train_a_little(model, steps=30, lr=1e-2, seed=0):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for ids in _successor_batches(model.config.vocab_size, steps, seed=seed):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+def perturb(model, seed=0):
+    """Random non-initial weights, norms included (cheaper than training, for extra configurations)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def load_hf(model_dir):
+    _quiet_hf()
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir)  # no trust_remote_code: the stock Llama class
+    hf.eval()
+    # The oracle must not stop at an eos token of its own choosing (LlamaConfig has defaults).
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.bos_token_id = None
+    return hf
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, tmp_path_factory):
+    torch.manual_seed(1234)
+    model = train_a_little(Transformer(tiny_config(len(tokenizer))))
+    model_dir = str(tmp_path_factory.mktemp("tiny_llama"))
+    model.save_pretrained(model_dir)
+    return model, model_dir, load_hf(model_dir)
+
+
+def random_ids(vocab_size, batch, seq, seed):
+    return torch.randint(vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(hf, ids, n):
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+
+
+# --- loading as LlamaForCausalLM --------------------------------------------------------------------
+
+def test_training_moved_the_weights_away_from_init(trained):
+    model, _, _ = trained
+    norm = model.layers[0].attention_norm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm)), "norm weights are still the initial ones"
+
+
+def test_loads_as_stock_llama(trained):
+    from transformers import LlamaForCausalLM
+    _, model_dir, hf = trained
+    assert type(hf) is LlamaForCausalLM
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config
+    assert not [name for name in os.listdir(model_dir) if name.endswith(".py")]
+    assert hf.dtype == torch.float32
+    # Tied embeddings survive: HF's lm_head is the embedding matrix.
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 9), (3, 64), (1, 128)])
+def test_logits_match_hf(trained, batch, seq):
+    model, _, hf = trained
+    ids = random_ids(model.config.vocab_size, batch, seq, seed=seq)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert ours.shape == theirs.shape == (batch, seq, model.config.vocab_size)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 1), (4, 2), (4, 4), (8, 2)])
+def test_gqa_and_mha_configs_match_hf(tmp_path, n_heads, n_kv_heads):
+    # A non-default rope_theta and norm_eps too: they must reach HF's config under the names it reads.
+    config = tiny_config(500, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=50000.0, norm_eps=1e-6)
+    torch.manual_seed(n_heads * 10 + n_kv_heads)
+    model = perturb(Transformer(config), seed=n_kv_heads)
+    model.save_pretrained(str(tmp_path))
+    hf = load_hf(str(tmp_path))
+    assert hf.config.num_key_value_heads == n_kv_heads
+    ids = random_ids(500, 2, 40, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_rope_theta_is_not_ignored(tmp_path):
+    """Guards the previous test: a different rope_theta must change the logits, else it tests nothing."""
+    torch.manual_seed(0)
+    a = perturb(Transformer(tiny_config(500, rope_theta=10000.0)))
+    b = Transformer(tiny_config(500, rope_theta=50.0)).eval()
+    b.load_state_dict(a.state_dict())
+    ids = random_ids(500, 1, 40, seed=4)
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max() > 1e-3
+
+
+# --- loss ---------------------------------------------------------------------------------------------
+
+def _labels_with_holes(ids, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = ids.clone()
+    labels[torch.rand(ids.shape, generator=g) < 0.4] = -100
+    labels[0, :5] = -100  # a prompt-like masked prefix
+    return labels
+
+
+def test_loss_matches_hf_with_ignored_labels(trained):
+    model, _, hf = trained
+    ids = random_ids(model.config.vocab_size, 2, 30, seed=11)
+    labels = _labels_with_holes(ids, seed=11)
+    with torch.no_grad():
+        ours = model(ids, labels=labels).loss
+        theirs = hf(ids, labels=labels).loss
+        unmasked = model(ids, labels=ids).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert abs(ours - unmasked) > 1e-4  # the -100 positions really were left out
+    # And independently: mean cross-entropy of the shifted, labelled positions.
+    logits = model(ids).logits.detach()
+    keep = labels[:, 1:] != -100
+    manual = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(ours, manual, atol=1e-5, rtol=0)
+
+
+def test_num_items_in_batch_is_a_sum_over_tokens(trained):
+    model, _, hf = trained
+    ids = random_ids(model.config.vocab_size, 2, 30, seed=12)
+    labels = _labels_with_holes(ids, seed=12)
+    labelled = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        logits = model(ids).logits
+        keep = labels[:, 1:] != -100
+        token_sum = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep], reduction="sum")
+        for n in (1, 7.0, 1000):
+            ours = model(ids, labels=labels, num_items_in_batch=n).loss
+            torch.testing.assert_close(ours, token_sum / n, atol=1e-5, rtol=1e-6)
+            theirs = hf(ids, labels=labels, num_items_in_batch=n).loss
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-6)
+        # Dividing by this batch's own count gives back the mean.
+        torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=labelled).loss,
+                                   model(ids, labels=labels).loss, atol=1e-6, rtol=0)
+
+
+# --- generation ---------------------------------------------------------------------------------------
+
+def test_greedy_generate_matches_hf(trained):
+    model, _, hf = trained
+    ids = random_ids(model.config.vocab_size, 1, 6, seed=21)
+    ours = model.generate(ids, 20, temperature=0)
+    theirs = hf_greedy(hf, ids, 20)
+    assert ours.shape == (1, 26)
+    assert torch.equal(ours, theirs)
+    assert len(set(ours[0, 6:].tolist())) > 1, "a degenerate run: the comparison would be weak"
+
+
+def test_greedy_generate_matches_hf_for_a_batch(trained):
+    model, _, hf = trained
+    ids = random_ids(model.config.vocab_size, 2, 7, seed=22)
+    ours = model.generate(ids, 15, temperature=0)
+    assert torch.equal(ours, hf_greedy(hf, ids, 15))
+    # Rows of a batch do not influence each other.
+    for row in range(2):
+        assert torch.equal(ours[row:row + 1], model.generate(ids[row:row + 1], 15, temperature=0))
+
+
+def test_kv_cache_generation_equals_full_recompute(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 2, 5, seed=23)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(25):
+            next_token = model(expected).logits[:, -1].argmax(-1)
+            expected = torch.cat([expected, next_token[:, None]], dim=1)
+    assert torch.equal(model.generate(ids, 25, temperature=0), expected)
+
+
+def test_generate_stops_at_max_seq_len(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 1, 120, seed=24)
+    out = model.generate(ids, 50, temperature=0)
+    assert out.shape == (1, model.config.max_seq_len)
+    assert torch.equal(out[:, :120], ids)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 2, 6, seed=25)
+    greedy = model.generate(ids, 12, temperature=0)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, 12, temperature=1.0, top_k=1), greedy)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(ids, 12, temperature=1.5, top_p=1e-6), greedy)
+
+
+def test_sampling_draws_from_the_distribution(trained):
+    """Plain sampling at temperature 1 is not greedy, and top_k restricts it to the k best tokens."""
+    from model import sample_next_token
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5]]).repeat(4000, 1)
+    torch.manual_seed(0)
+    draws = sample_next_token(logits, 1.0, None, None)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+    top2 = sample_next_token(logits, 1.0, 2, None)
+    assert set(top2.tolist()) == {2, 3}
+    # top_p 0.7: 3 alone covers 0.61 < 0.7, so 2 stays as well; nothing else.
+    assert set(sample_next_token(logits, 1.0, None, 0.7).tolist()) == {2, 3}
+
+
+def test_eos_stops_generation(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 1, 6, seed=26)
+    free = model.generate(ids, 20, temperature=0)[0, 6:].tolist()
+    # The first new token that did not occur before it: generation must stop right after it.
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    out = model.generate(ids, 20, temperature=0, eos_token_id=free[k])
+    assert out[0, 6:].tolist() == free[:k + 1]
+
+
+def test_eos_in_a_batch_pads_finished_rows(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 2, 6, seed=27)
+    free = model.generate(ids, 20, temperature=0)[:, 6:].tolist()
+    k = next(i for i in range(1, len(free[0])) if free[0][i] not in free[0][:i] + free[1])
+    eos = free[0][k]
+    out = model.generate(ids, 20, temperature=0, eos_token_id=eos)
+    # Row 1 never produces eos, so the batch runs the full 20 tokens; row 0 is padded with eos.
+    assert out.shape == (2, 26)
+    assert out[0, 6:].tolist() == free[0][:k + 1] + [eos] * (19 - k)
+    assert out[1, 6:].tolist() == free[1]
+
+
+def test_streamer_sees_every_new_column(trained):
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 2, 4, seed=28)
+    columns = []
+    out = model.generate(ids, 6, temperature=0, streamer=lambda t: columns.append(t.clone()))
+    assert torch.equal(torch.stack(columns, dim=1), out[:, 4:])
+
+
+# --- saving and loading ------------------------------------------------------------------------------
+
+def test_from_pretrained_round_trips_exactly(trained):
+    model, model_dir, _ = trained
+    loaded = Transformer.from_pretrained(model_dir).eval()
+    assert loaded.config == model.config
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert loaded.output.weight is loaded.tok_embeddings.weight  # still tied after loading
+    ids = random_ids(model.config.vocab_size, 2, 17, seed=31)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_loads_a_plain_hf_llama_directory(trained, tmp_path):
+    """A directory written by HF itself (no tiny_llm_config.json) loads into our Transformer."""
+    model, _, hf = trained
+    hf.save_pretrained(str(tmp_path))
+    assert not os.path.exists(tmp_path / "tiny_llm_config.json")
+    loaded = Transformer.from_pretrained(str(tmp_path)).eval()
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps",
+                  "max_seq_len", "rope_theta"):
+        assert getattr(loaded.config, field) == getattr(model.config, field), field
+    ids = random_ids(model.config.vocab_size, 1, 20, seed=32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_rejects_mismatched_weights(trained, tmp_path):
+    _, model_dir, _ = trained
+    shutil.copytree(model_dir, tmp_path / "m")
+    with open(tmp_path / "m" / "tiny_llm_config.json") as f:
+        config = json.load(f)
+    config["n_layers"] = 3
+    with open(tmp_path / "m" / "tiny_llm_config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="missing"):
+        Transformer.from_pretrained(str(tmp_path / "m"))
+
+
+# --- initialisation and FLOPs --------------------------------------------------------------------
+
+def test_scaled_init_of_residual_projections():
+    n_layers = 8
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=256,
+                                    max_seq_len=32))
+
+    def std(suffix):
+        weights = [p.detach().flatten() for n, p in model.named_parameters() if n.endswith(suffix)]
+        assert len(weights) == n_layers
+        return torch.cat(weights).std().item()
+
+    scaled = 0.02 / math.sqrt(2 * n_layers)  # 0.005
+    for suffix in ("attention.wo.weight", "feed_forward.w2.weight"):
+        assert std(suffix) == pytest.approx(scaled, rel=0.05), suffix
+    for suffix in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                   "feed_forward.w1.weight", "feed_forward.w3.weight"):
+        assert std(suffix) == pytest.approx(0.02, rel=0.05), suffix
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_hidden_dim_follows_llama():
+    assert ModelConfig(dim=64).hidden_dim == 192      # 2/3 * 256 = 170.7 -> next multiple of 64
+    assert ModelConfig(dim=512).hidden_dim == 1408    # 2/3 * 2048 = 1365.3 -> 1408
+    assert ModelConfig(dim=64, hidden_dim=100).hidden_dim == 100
+
+
+def test_flops_per_token_by_hand():
+    # dim 64, 4 heads of 16, 2 kv heads (k and v are 64 x 32), hidden 192, vocab 1000, 2 layers.
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000,
+                                    max_seq_len=128))
+    attention = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64        # wq, wk, wv, wo
+    ffn = 3 * 64 * 192                                         # w1, w2, w3
+    lm_head = 1000 * 64                                        # tied with the embedding: counted once
+    matmul_weights = 2 * (attention + ffn) + lm_head
+    for seq in (1, 128):
+        assert model.flops_per_token(seq) == 6 * matmul_weights + 6 * 2 * 64 * seq
+    assert model.num_params() == matmul_weights + 64 * (2 * 2 + 1)  # plus the norm weights
