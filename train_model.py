@@ -413,8 +413,14 @@ def train(args):
             dist.barrier()
     train_set, train_loader = make_loader(args, tokenizer, "train", rank, world_size, device, samples_seen)
     _, val_loader = make_loader(args, tokenizer, "val", rank, world_size, device)
+    # Reading the first lines also checks the data file before any training.
     estimated_steps = math.ceil(estimate_samples_per_epoch(train_set) * args.epochs / samples_per_step)
-    max_steps = args.max_steps or estimated_steps
+    if args.max_steps:
+        max_steps = args.max_steps
+    elif state is not None:
+        max_steps = state["max_steps"]  # keep the schedule of the run being resumed
+    else:
+        max_steps = estimated_steps
     if torch.cuda.is_available() and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -442,7 +448,8 @@ def train(args):
 
             def write(tmp):
                 write_model_dir(tmp, raw_model, model_state, tokenizer)
-                torch.save({"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
+                torch.save({"step": step, "max_steps": max_steps, "samples_seen": samples_seen,
+                            "tokens_seen": tokens_seen,
                             "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                             "args": vars(args)}, os.path.join(tmp, STATE_FILE))
             save_atomically(path, write)
@@ -455,8 +462,9 @@ def train(args):
     model.train()
     batches = iter(train_loader)
     bad_steps_in_row, step, val_loss = 0, start_step, None
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval_seconds, interval_tokens = 0.0, 0  # training time only: evaluations and saves excluded
     while step < max_steps or args.max_steps is None:
+        step_start = time.perf_counter()
         # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
         torch.manual_seed(args.seed + 1_000_003 * step + rank)
         lr = get_lr(step, args.learning_rate, args.warmup_iters, max_steps)
@@ -504,12 +512,12 @@ def train(args):
         samples_seen += samples_per_step
         tokens_seen += int(step_tokens)
         interval_tokens += int(step_tokens)
+        interval_seconds += time.perf_counter() - step_start
 
         if is_main:
             logger.bar.update(1)
         if step % args.log_interval == 0 or step == max_steps:
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_sec = interval_tokens / elapsed
+            tokens_per_sec = interval_tokens / interval_seconds
             # MFU counts all positions (padding too): it measures the hardware, not the data.
             mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
             logger.log({"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens_seen,
@@ -519,12 +527,11 @@ def train(args):
             if is_main:
                 logger.bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:.0f}",
                                        mfu=f"{mfu:.1%}")
-            interval_start, interval_tokens = time.perf_counter(), 0
+            interval_seconds, interval_tokens = 0.0, 0
         if step % args.eval_interval == 0:
             val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
             logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
             logger.write(f"step {step}: val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-            interval_start = time.perf_counter()
         if args.save_interval and step % args.save_interval == 0:
             save_checkpoint(step)
         if stop_signal:
