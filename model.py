@@ -204,9 +204,10 @@ class Transformer(nn.Module):
             # Generation needs only the last position's distribution: skip the other lm_head rows.
             return SimpleNamespace(logits=self.output(h[:, -1:] if cache is not None else h), loss=None)
         logits = self.output(h)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                               labels[:, 1:].reshape(-1), ignore_index=-100,
-                               reduction="mean" if num_items_in_batch is None else "sum")
+        # Shift the labels, not the logits: slicing (batch, seq, vocab) logits would copy all of them.
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
         return SimpleNamespace(logits=logits, loss=loss)
