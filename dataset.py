@@ -68,6 +68,21 @@ def open_binary(path):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def text_bytes(path, sample=64 << 20):
+    """Uncompressed size of a data file; for .gz, extrapolated from the first `sample` bytes' ratio."""
+    if not path.endswith(".gz"):
+        return os.path.getsize(path)
+    with gzip.open(path, "rb") as f:
+        uncompressed = 0
+        while uncompressed < sample:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return uncompressed  # read to the end: exact
+            uncompressed += len(chunk)
+        compressed_read = f.fileobj.tell()
+    return int(uncompressed * os.path.getsize(path) / compressed_read)
+
+
 def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, report=True,
                max_lines=None):
     """Yield (line_number, parse(record)) for each good line of a JSONL file, in file order.
@@ -77,12 +92,15 @@ def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, repo
     line when `strict`, when bad lines exceed `max_bad_fraction`, or when no line is good.
     `keep(line_number)` selects lines before they are parsed; `max_lines` stops early.
     """
-    seen, bad = 0, []
+    seen, bad, nonblank = 0, [], 0
     with open_binary(path) as f:
         for line_number, raw in enumerate(f, 1):
             if max_lines is not None and line_number > max_lines:
                 break
-            if (keep is not None and not keep(line_number)) or not raw.strip():
+            if not raw.strip():
+                continue
+            nonblank += 1
+            if keep is not None and not keep(line_number):
                 continue
             seen += 1
             try:
@@ -104,9 +122,10 @@ def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, repo
             bad.append((line_number, reason))
             if seen >= 1000 and len(bad) > max_bad_fraction * seen:
                 raise DataError(_too_many_bad(path, seen, bad, max_bad_fraction))
-    if seen == len(bad):
-        raise DataError(f"{path}: no valid sample" + (f" ({_positions(path, bad)})" if bad else
-                                                      " (the file is empty)"))
+    if nonblank == 0:
+        raise DataError(f"{path}: the file is empty")
+    if seen and seen == len(bad):
+        raise DataError(f"{path}: no valid sample ({_positions(path, bad)})")
     if len(bad) > max_bad_fraction * seen:
         raise DataError(_too_many_bad(path, seen, bad, max_bad_fraction))
     if bad and report:
@@ -324,10 +343,7 @@ def estimate_samples_per_epoch(dataset, probe_lines=2000):
                                        max_lines=probe_lines)]
     with open_binary(dataset.data_path) as f:
         probe_bytes = sum(len(line) for _, line in zip(range(probe_lines), f))
-        rest = f.read(64 << 20)  # for .gz, the uncompressed size is only known by reading it
-        total_bytes = probe_bytes + len(rest) + (0 if len(rest) < 64 << 20 else
-                                                 max(0, os.path.getsize(dataset.data_path) - (64 << 20)))
-    scale = total_bytes / probe_bytes * (1 - 1 / dataset.val_every)
+    scale = text_bytes(dataset.data_path) / probe_bytes * (1 - 1 / dataset.val_every)
     if isinstance(dataset, PretrainDataset):
         tokens = sum(len(doc) for doc in dataset._tokenize(values))
         return max(1, int(tokens * scale / dataset.max_length))

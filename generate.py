@@ -18,8 +18,8 @@ from model import Transformer
 class TextStreamer:
     """Prints new text as tokens arrive; holds back bytes of a character that is not complete yet."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.ids, self.printed = [], 0
 
     def __call__(self, token_ids):

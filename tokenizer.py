@@ -12,7 +12,7 @@ import sys
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dataset import DataError, parse_texts, read_jsonl
+from dataset import DataError, parse_texts, read_jsonl, text_bytes
 
 END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eos token
@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 def sample_texts(paths, max_train_bytes):
     """Yield texts from JSONL files, keeping every k-th line so that about max_train_bytes are used."""
-    total = sum(os.path.getsize(p) for p in paths)
+    total = sum(text_bytes(p) for p in paths)
     stride = max(1, math.ceil(total / max_train_bytes))
     used = 0
     for path in paths:
@@ -43,7 +43,7 @@ def sample_texts(paths, max_train_bytes):
                 used += len(text.encode("utf-8"))
                 yield text
     print(f"tokenizer trained on {used / 1e6:.1f} MB of text (1 line in {stride} of "
-          f"{total / 1e6:.1f} MB on disk; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
+          f"{total / 1e6:.1f} MB of JSONL; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
 
 
 def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):

@@ -323,11 +323,15 @@ def all_reduce_sum(values, device, world_size):
 
 @torch.no_grad()
 def evaluate(model, loader, args, device, autocast, world_size):
-    """Validation loss per token, over --eval_batches batches on each rank, averaged over all ranks."""
+    """Validation loss per token over up to --eval_batches batches on each rank, averaged over all
+    ranks; None when the validation split is empty (a file of under 200 lines has none)."""
     model.eval()
     loss_sum, tokens = 0.0, 0
-    for i, batch in enumerate(loader):
-        if i == args.eval_batches:
+    batches = iter(loader)
+    for _ in range(args.eval_batches):
+        batch = next(batches, None)
+        # Every rank runs the same number of forwards: FSDP's all-gathers would hang otherwise.
+        if all_reduce_sum([batch is None], device, world_size)[0]:
             break
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
@@ -336,7 +340,7 @@ def evaluate(model, loader, args, device, autocast, world_size):
         tokens += int((labels[:, 1:] != -100).sum())
     model.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device, world_size)
-    return loss_sum / max(tokens, 1)
+    return loss_sum / tokens if tokens else None
 
 
 def measure_matmul_flops(device, dtype, size=1024, seconds=0.5):
@@ -459,6 +463,13 @@ def train(args):
             dist.barrier()  # nobody reads or resumes from a checkpoint that is still being written
         return os.path.join(args.out_dir, f"checkpoint-{step}")
 
+    def validate(step):
+        val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
+        if val_loss is not None:
+            logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
+            logger.write(f"step {step}: val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+        return val_loss
+
     model.train()
     batches = iter(train_loader)
     bad_steps_in_row, step, val_loss = 0, start_step, None
@@ -529,21 +540,19 @@ def train(args):
                                        mfu=f"{mfu:.1%}")
             interval_seconds, interval_tokens = 0.0, 0
         if step % args.eval_interval == 0:
-            val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
-            logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
-            logger.write(f"step {step}: val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+            val_loss = validate(step)
+        checkpoint = None
         if args.save_interval and step % args.save_interval == 0:
-            save_checkpoint(step)
+            checkpoint = save_checkpoint(step)
         if stop_signal:
-            path = save_checkpoint(step)
+            path = checkpoint or save_checkpoint(step)
             logger.write(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint in {path}.\n"
                          f"resume with: {resume_command(path)}")
             logger.close()
             return None
 
     if step % args.eval_interval != 0:
-        val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
-        logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
+        val_loss = validate(step)
     model_state, _ = full_state(model, optimizer) if world_size > 1 else (raw_model.state_dict(), None)
     if is_main:
         save_final_model(args.out_dir, raw_model, model_state, tokenizer)
@@ -551,8 +560,9 @@ def train(args):
         dist.barrier()
     logger.close()
     if is_main:
-        print(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, final val_loss {val_loss:.4f} "
-              f"(perplexity {math.exp(val_loss):.2f}); model saved to {args.out_dir}/")
+        summary = f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss is not None \
+            else "no validation lines"
+        print(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, {summary}; model saved to {args.out_dir}/")
     return val_loss
 
 

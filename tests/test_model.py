@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from model import ModelConfig, Transformer
 
+# One thread: on a small shared CPU, two threads of tiny matmuls mostly wait for each other.
+torch.set_num_threads(1)
 ATOL = 1e-4
 POOL = 32
 
@@ -26,16 +28,21 @@ def _quiet_hf():
     logging.disable_progress_bar()
 
 
+def _chain(vocab_size, seed=0):
+    """A fixed random cycle through POOL tokens: each token's successor is the next one of the cycle."""
+    pool = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:POOL].tolist()
+    return pool, {t: pool[(i + 1) % POOL] for i, t in enumerate(pool)}
+
+
 def _successor_batches(vocab_size, steps, batch=8, seq=32, seed=0):
-    """Sequences that follow a fixed random successor map over a few tokens, so the trained model
-    has something to learn and greedy generation is not one repeated token."""
+    """Sequences that follow the cycle, so the trained model has something to learn and greedy
+    generation (from prompts on the cycle) is not one repeated token."""
     g = torch.Generator().manual_seed(seed)
-    pool = torch.randperm(vocab_size, generator=g)[:POOL]
-    successor = dict(zip(pool.tolist(), pool[torch.randperm(len(pool), generator=g)].tolist()))
+    pool, successor = _chain(vocab_size)
     for _ in range(steps):
         rows = []
-        for start in pool[torch.randint(len(pool), (batch,), generator=g)].tolist():
-            row = [start]
+        for start in torch.randint(POOL, (batch,), generator=g).tolist():
+            row = [pool[start]]
             for _ in range(seq - 1):
                 row.append(successor[row[-1]])
             rows.append(row)
@@ -44,6 +51,12 @@ def _successor_batches(vocab_size, steps, batch=8, seq=32, seed=0):
         noise = torch.rand(ids.shape, generator=g) < 0.1
         ids = torch.where(noise, torch.randint(vocab_size, ids.shape, generator=g), ids)
         yield ids
+
+
+def chain_prompts(vocab_size, starts, length):
+    """Prompts of `length` tokens along the training cycle, one per start position."""
+    pool, _ = _chain(vocab_size)
+    return torch.tensor([[pool[(s + i) % POOL] for i in range(length)] for s in starts])
 
 
 def train_a_little(model, steps=30, lr=1e-2, seed=0):
@@ -207,7 +220,7 @@ def test_num_items_in_batch_is_a_sum_over_tokens(trained):
 
 def test_greedy_generate_matches_hf(trained):
     model, _, hf = trained
-    ids = random_ids(model.config.vocab_size, 1, 6, seed=21)
+    ids = chain_prompts(model.config.vocab_size, [0], 6)
     ours = model.generate(ids, 20, temperature=0)
     theirs = hf_greedy(hf, ids, 20)
     assert ours.shape == (1, 26)
@@ -217,7 +230,7 @@ def test_greedy_generate_matches_hf(trained):
 
 def test_greedy_generate_matches_hf_for_a_batch(trained):
     model, _, hf = trained
-    ids = random_ids(model.config.vocab_size, 2, 7, seed=22)
+    ids = chain_prompts(model.config.vocab_size, [3, 17], 7)
     ours = model.generate(ids, 15, temperature=0)
     assert torch.equal(ours, hf_greedy(hf, ids, 15))
     # Rows of a batch do not influence each other.
@@ -234,6 +247,23 @@ def test_kv_cache_generation_equals_full_recompute(trained):
             next_token = model(expected).logits[:, -1].argmax(-1)
             expected = torch.cat([expected, next_token[:, None]], dim=1)
     assert torch.equal(model.generate(ids, 25, temperature=0), expected)
+
+
+def test_kv_cache_logits_equal_the_full_forward(trained):
+    """Token by token through the cache, each position's logits are the full forward's (random tokens, so
+    that they depend on the context and on the positions, not only on the last token)."""
+    from model import KVCache
+    model, _, _ = trained
+    ids = random_ids(model.config.vocab_size, 2, 40, seed=29)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config, 2, 40, ids.device, torch.float32)
+        prefill = model(ids[:, :10], cache=cache).logits
+        torch.testing.assert_close(prefill[:, -1], full[:, 9], atol=ATOL, rtol=0)
+        for pos in range(10, 40):
+            step = model(ids[:, pos:pos + 1], cache=cache).logits
+            torch.testing.assert_close(step[:, -1], full[:, pos], atol=ATOL, rtol=0)
+        assert cache.length == 40
 
 
 def test_generate_stops_at_max_seq_len(trained):
@@ -254,7 +284,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(trained):
     assert torch.equal(model.generate(ids, 12, temperature=1.5, top_p=1e-6), greedy)
 
 
-def test_sampling_draws_from_the_distribution(trained):
+def test_sampling_draws_from_the_distribution():
     """Plain sampling at temperature 1 is not greedy, and top_k restricts it to the k best tokens."""
     from model import sample_next_token
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5]]).repeat(4000, 1)
@@ -270,7 +300,7 @@ def test_sampling_draws_from_the_distribution(trained):
 
 def test_eos_stops_generation(trained):
     model, _, _ = trained
-    ids = random_ids(model.config.vocab_size, 1, 6, seed=26)
+    ids = chain_prompts(model.config.vocab_size, [5], 6)
     free = model.generate(ids, 20, temperature=0)[0, 6:].tolist()
     # The first new token that did not occur before it: generation must stop right after it.
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i])
@@ -280,15 +310,26 @@ def test_eos_stops_generation(trained):
 
 def test_eos_in_a_batch_pads_finished_rows(trained):
     model, _, _ = trained
-    ids = random_ids(model.config.vocab_size, 2, 6, seed=27)
+    ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
     free = model.generate(ids, 20, temperature=0)[:, 6:].tolist()
-    k = next(i for i in range(1, len(free[0])) if free[0][i] not in free[0][:i] + free[1])
-    eos = free[0][k]
+
+    def first(row, token):
+        return row.index(token) if token in row else None
+
+    # An eos that row 0 produces before row 1 does (or that row 1 never produces).
+    eos = next(t for t in free[0] if first(free[1], t) is None or first(free[1], t) > first(free[0], t))
+    stops = [first(row, eos) for row in free]
+    length = max(20 if s is None else s + 1 for s in stops)
     out = model.generate(ids, 20, temperature=0, eos_token_id=eos)
-    # Row 1 never produces eos, so the batch runs the full 20 tokens; row 0 is padded with eos.
-    assert out.shape == (2, 26)
-    assert out[0, 6:].tolist() == free[0][:k + 1] + [eos] * (19 - k)
-    assert out[1, 6:].tolist() == free[1]
+    assert out.shape == (2, 6 + length)
+    assert torch.equal(out[:, :6], ids)
+    for row, stop in zip(range(2), stops):
+        if stop is None:
+            expected = free[row][:length]
+        else:  # a finished row is padded with eos until the batch is done
+            expected = free[row][:stop + 1] + [eos] * (length - stop - 1)
+        assert out[row, 6:].tolist() == expected
+    assert length - stops[0] - 1 > 0, "row 0 should have been padded"
 
 
 def test_streamer_sees_every_new_column(trained):

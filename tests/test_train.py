@@ -1,0 +1,413 @@
+"""train_model.py: the LR schedule, token-weighted accumulation, AMP and optimizer set-up, and end-to-end
+pretraining and SFT runs of the tiny model whose output generate.py then reads."""
+import argparse
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, shipped_lines, tiny_config, write_jsonl
+from model import Transformer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """train_model installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+# --- the learning-rate schedule ------------------------------------------------------------------------
+
+def test_get_lr_warmup_is_linear():
+    from train_model import get_lr
+    lr, warmup, max_steps = 3e-4, 10, 100
+    values = [get_lr(step, lr, warmup, max_steps) for step in range(warmup)]
+    assert values[0] == pytest.approx(lr / warmup)
+    assert values[-1] == pytest.approx(lr)  # the peak is reached at step warmup - 1
+    for step, value in enumerate(values):
+        assert value == pytest.approx(lr * (step + 1) / warmup)
+    assert max(get_lr(s, lr, warmup, max_steps) for s in range(max_steps + 10)) == pytest.approx(lr)
+
+
+def test_get_lr_cosine_decay_and_floor():
+    from train_model import get_lr
+    lr, warmup, max_steps = 3e-4, 10, 110
+    decay = [get_lr(step, lr, warmup, max_steps) for step in range(warmup, max_steps + 1)]
+    assert decay[0] == pytest.approx(lr)
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing down to max_steps
+    midpoint = warmup + (max_steps - warmup) // 2
+    assert get_lr(midpoint, lr, warmup, max_steps) == pytest.approx((lr + lr / 10) / 2)
+    for step in (max_steps, max_steps + 1, 10 * max_steps):
+        assert get_lr(step, lr, warmup, max_steps) == pytest.approx(lr / 10)
+    # Cosine shape: a quarter of the way the LR has lost (1 - cos(pi/4)) / 2 of its range.
+    quarter = warmup + (max_steps - warmup) // 4
+    expected = lr / 10 + (lr - lr / 10) * (1 + math.cos(math.pi / 4)) / 2
+    assert get_lr(quarter, lr, warmup, max_steps) == pytest.approx(expected)
+
+
+def test_get_lr_without_warmup_and_with_short_runs():
+    from train_model import get_lr
+    assert get_lr(0, 1e-3, 0, 50) == pytest.approx(1e-3)
+    # A run shorter than its warmup never leaves the warmup, and never exceeds the peak.
+    assert [get_lr(s, 1e-3, 100, 6) for s in range(6)] == pytest.approx([1e-5 * (s + 1) for s in range(6)])
+
+
+# --- token-weighted gradient accumulation --------------------------------------------------------------
+
+def _micro_batches(vocab_size):
+    """Three SFT-like micro-batches of different widths and very different numbers of labelled tokens."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 20), (1, 30), (3, 12)]
+    labelled = [[(12, 20), (15, 20)], [(3, 30)], [(10, 12), (11, 12), (9, 11)]]
+    batches = []
+    for (rows, width), spans in zip(shapes, labelled):
+        ids = torch.randint(4, vocab_size, (rows, width), generator=g)
+        labels = torch.full_like(ids, -100)
+        for row, (start, end) in enumerate(spans):
+            labels[row, start:end] = ids[row, start:end]
+        if rows > 1:  # right padding in one row, as collate makes it
+            ids[-1, spans[-1][1]:] = 3
+        batches.append((ids, labels))
+    return batches
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_token_weighted_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(300, max_seq_len=32))
+    batches = _micro_batches(300)
+    counts = [int((labels[:, 1:] != -100).sum()) for _, labels in batches]
+    assert len(set(counts)) == 3 and max(counts) > 5 * min(counts)
+    total = sum(counts)
+
+    model.zero_grad()
+    for ids, labels in batches:
+        model(ids, labels=labels, num_items_in_batch=total).loss.backward()
+    accumulated = _grads(model)
+
+    # The union: one batch, padded to the widest micro-batch, with the plain mean loss.
+    width = max(ids.shape[1] for ids, _ in batches)
+    union_ids = torch.cat([torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=3) for ids, _ in batches])
+    union_labels = torch.cat([torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100)
+                              for _, labels in batches])
+    model.zero_grad()
+    model(union_ids, labels=union_labels).loss.backward()
+    union = _grads(model)
+    torch.testing.assert_close(accumulated, union, atol=1e-5, rtol=1e-4)
+
+    # The trap: averaging each micro-batch's own mean weights a token of a short batch more.
+    model.zero_grad()
+    for ids, labels in batches:
+        (model(ids, labels=labels).loss / len(batches)).backward()
+    naive = _grads(model)
+    assert (naive - union).norm() > 0.05 * union.norm()
+
+
+def test_training_loop_weights_tokens_over_the_step(tmp_path, monkeypatch):
+    """train_model passes the step's labelled-token count (labels shifted by one) as num_items_in_batch."""
+    import train_model
+    seen = []
+    original = Transformer.forward
+
+    def spy(self, input_ids, labels=None, cache=None, num_items_in_batch=None):
+        if labels is not None and self.training:
+            seen.append((int((labels[:, 1:] != -100).sum()), num_items_in_batch))
+        return original(self, input_ids, labels=labels, cache=cache, num_items_in_batch=num_items_in_batch)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    data = write_jsonl(tmp_path / "sft_data.jsonl", shipped_lines("sft_poetry.jsonl.gz", 300))
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", str(tmp_path / "out"),
+                      "--max_steps", "2", "--batch_size", "2", "--accumulation_steps", "3",
+                      "--eval_interval", "100", "--eval_batches", "1", "--save_interval", "0"])
+    assert len(seen) == 6
+    for step in (seen[:3], seen[3:]):
+        total = sum(count for count, _ in step)
+        assert all(n == total for _, n in step)
+
+
+# --- AMP and the optimizer ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,enabled", [(torch.bfloat16, False), (torch.float32, False),
+                                           (torch.float16, True)])
+def test_grad_scaler_only_for_float16(dtype, enabled):
+    from train_model import make_grad_scaler
+    assert make_grad_scaler(torch.device("cpu"), dtype).is_enabled() is enabled
+
+
+def test_optimizer_groups_decay_matrices_only():
+    from train_model import make_optimizer
+    model = Transformer(tiny_config(300))
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
+    optimizer = make_optimizer(model, args, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    by_decay = {}
+    for group in optimizer.param_groups:
+        by_decay.setdefault(group["weight_decay"], []).extend(group["params"])
+    assert set(by_decay) == {0.0, 0.1}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in by_decay[0.0]}
+    decay = {names[id(p)] for p in by_decay[0.1]}
+    assert no_decay == {n for n, p in model.named_parameters() if "norm" in n}
+    assert all(n.endswith(("norm.weight",)) for n in no_decay) and len(no_decay) == 2 * 2 + 1
+    assert "tok_embeddings.weight" in decay and "layers.0.attention.wq.weight" in decay
+    assert "layers.1.feed_forward.w2.weight" in decay
+    # Every parameter exactly once (the tied lm_head is the embedding, not a second copy).
+    all_params = by_decay[0.0] + by_decay[0.1]
+    assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+
+
+# --- end to end: pretraining --------------------------------------------------------------------------
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    import train_model
+    folder = tmp_path_factory.mktemp("pretrain")
+    data = write_jsonl(folder / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 400))
+    out = str(folder / "out")
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--max_steps", "6",
+                          "--batch_size", "4", "--log_interval", "2", "--eval_interval", "3",
+                          "--eval_batches", "2", "--save_interval", "0"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return out
+
+
+def test_pretraining_writes_a_hugging_face_directory(pretrained):
+    with open(os.path.join(pretrained, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["hidden_size"] == 64 and config["num_hidden_layers"] == 2
+    assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert os.path.isfile(os.path.join(pretrained, name)), name
+    assert not [n for n in os.listdir(pretrained) if n.startswith("checkpoint-")]  # --save_interval 0
+
+
+def test_pretrained_directory_loads_in_transformers(pretrained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+    assert type(hf) is LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    shipped = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert tokenizer.get_vocab() == shipped.get_vocab()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.chat_template == shipped.chat_template
+    generation = GenerationConfig.from_pretrained(pretrained)
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    assert set(eos) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    assert generation.pad_token_id == tokenizer.pad_token_id
+    ours = Transformer.from_pretrained(pretrained).eval()
+    ids = torch.tensor([tokenizer("《静夜思》 李白\n床前明月光", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_pretraining_metrics(pretrained):
+    from train_model import get_lr
+    records = read_metrics(pretrained)
+    logs = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in logs] == [2, 4, 6]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in logs:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_sec"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_sec"] > 0
+        # Every block of 64 tokens has 63 targets; 4 blocks a step.
+        assert r["tokens"] == r["step"] * 4 * 63
+        assert r["lr"] == pytest.approx(get_lr(r["step"] - 1, 3e-4, 100, 6))
+    for r in evals:
+        assert {"step", "val_loss", "val_ppl"} <= set(r)
+        assert 0 < r["val_loss"] < 2 * math.log(6144)
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-5, abs=1e-3)
+
+
+# --- end to end: SFT ----------------------------------------------------------------------------------
+
+def test_training_mode_from_the_file_name(tmp_path):
+    from train_model import parse_args, training_mode
+
+    def mode(path, *extra):
+        return training_mode(parse_args(["--data_path", str(path), *extra]))
+
+    assert mode(tmp_path / "sft_small.jsonl") == "sft"
+    assert mode(tmp_path / "data" / "My_SFT_Data.jsonl.gz") == "sft"
+    assert mode(tmp_path / "pretrain.jsonl") == "pretrain"
+    assert mode(tmp_path / "sft_runs" / "pretrain.jsonl") == "pretrain"  # the file's name, not the folder's
+    assert mode(tmp_path / "sft_small.jsonl", "--mode", "pretrain") == "pretrain"
+    assert mode(tmp_path / "pretrain.jsonl", "--mode", "sft") == "sft"
+
+
+def test_sft_run_from_the_pretrained_model(pretrained, sft_file, tmp_path, monkeypatch, capsys):
+    import train_model
+    from dataset import SFTDataset
+    from safetensors.torch import load_file
+
+    used = []
+
+    class RecordingSFT(SFTDataset):
+        def __init__(self, *args, **kwargs):
+            used.append(kwargs.get("split"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_model, "SFTDataset", RecordingSFT)
+    out = str(tmp_path / "sft_out")
+    # Learning rate 0: the weights written must be exactly those --init_from loaded.
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", sft_file, "--init_from", pretrained, "--out_dir", out,
+                      "--max_steps", "2", "--batch_size", "4", "--log_interval", "1", "--eval_interval", "2",
+                      "--eval_batches", "1", "--save_interval", "0", "--learning_rate", "0"])
+    assert sorted(used) == ["train", "val"]
+    assert "randomly initialised" not in capsys.readouterr().err
+    before, after = load_file(os.path.join(pretrained, "model.safetensors")), \
+        load_file(os.path.join(out, "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    logs = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in logs] == [1, 2]
+    # Only assistant tokens count: far fewer than the 4 x 63 targets of packed pretraining blocks.
+    assert all(0 < r["tokens"] - prev < 4 * 63 for r, prev in zip(logs, [0, logs[0]["tokens"]]))
+    assert all(math.isfinite(r["loss"]) for r in logs)
+
+
+def test_sft_without_init_from_warns(sft_file, tmp_path, capsys):
+    import train_model
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", sft_file, "--out_dir", str(tmp_path / "o"),
+                      "--max_steps", "1", "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0"])
+    assert "randomly initialised" in capsys.readouterr().err
+
+
+def test_bfloat16_on_cpu_warns_and_trains_in_float32(pretrain_file, tmp_path, monkeypatch, capsys):
+    import train_model
+    dtypes = []
+    original = train_model.make_grad_scaler
+
+    def spy(device, dtype):
+        dtypes.append(dtype)
+        return original(device, dtype)
+
+    monkeypatch.setattr(train_model, "make_grad_scaler", spy)
+    autocasts = []
+    real_autocast = torch.autocast
+
+    def autocast_spy(*args, **kwargs):
+        autocasts.append((args, kwargs))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast_spy)
+    out = str(tmp_path / "bf16")
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", pretrain_file, "--out_dir", out, "--max_steps", "2",
+                      "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0", "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "bfloat16" in err and "float32" in err
+    assert dtypes == [torch.float32]
+    assert autocasts == []  # no mixed precision at all
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+# --- generate.py ---------------------------------------------------------------------------------------
+
+def _printed(tokenizer, new_ids):
+    """What a streamer that holds back incomplete characters has printed once all ids have arrived."""
+    for k in range(len(new_ids), -1, -1):
+        text = tokenizer.decode(new_ids[:k], skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            return text
+
+
+def _expected_completion(model_dir, prompt_ids, max_new_tokens, eos_token):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = Transformer.from_pretrained(model_dir).eval()
+    new = model.generate(torch.tensor([prompt_ids]), max_new_tokens, temperature=0,
+                         eos_token_id=tokenizer.convert_tokens_to_ids(eos_token))[0, len(prompt_ids):].tolist()
+    assert 0 < len(new) <= max_new_tokens
+    return _printed(tokenizer, new)
+
+
+@pytest.fixture
+def generate_to_capsys(monkeypatch):
+    """generate.py with its streamer writing to the sys.stdout of this test (see the test after these)."""
+    import sys
+    import generate
+
+    class CurrentStdout:
+        def write(self, text):
+            return sys.stdout.write(text)
+
+        def flush(self):
+            sys.stdout.flush()
+
+    monkeypatch.setattr(generate.TextStreamer.__init__, "__defaults__", (CurrentStdout(),))
+    return generate
+
+
+def test_generate_prints_only_the_new_text(pretrained, generate_to_capsys, capsys):
+    from transformers import AutoTokenizer
+    prompt = "《静夜思》 李白\n床前"
+    generate_to_capsys.main(["--model", pretrained, "--prompt", prompt, "--max_new_tokens", "5",
+                             "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    ids = AutoTokenizer.from_pretrained(pretrained)(prompt, add_special_tokens=False)["input_ids"]
+    assert out == _expected_completion(pretrained, ids, 5, "<|endoftext|>") + "\n"
+    assert not out.startswith(prompt)
+
+
+def test_generate_chat_with_prompt(pretrained, generate_to_capsys, capsys):
+    from transformers import AutoTokenizer
+    question = "请背诵《静夜思》。"
+    generate_to_capsys.main(["--model", pretrained, "--chat", "--prompt", question, "--max_new_tokens", "6",
+                             "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    ids = AutoTokenizer.from_pretrained(pretrained)(
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert out == _expected_completion(pretrained, ids, 6, "<|im_end|>") + "\n"
+    assert "<|im_start|>" not in out and question not in out
+
+
+def test_generate_streams_to_the_current_stdout(pretrained):
+    """Output redirected by the caller (contextlib.redirect_stdout, a notebook, a test) must receive the
+    streamed text, not only the final newline: the streamer must look sys.stdout up when it writes."""
+    import contextlib
+    import io
+    import generate
+    from transformers import AutoTokenizer
+    prompt = "春眠不觉晓"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        generate.main(["--model", pretrained, "--prompt", prompt, "--max_new_tokens", "4", "--temperature", "0",
+                       "--device", "cpu"])
+    ids = AutoTokenizer.from_pretrained(pretrained)(prompt, add_special_tokens=False)["input_ids"]
+    assert buffer.getvalue() == _expected_completion(pretrained, ids, 4, "<|endoftext|>") + "\n"
+
+
+def test_training_on_a_file_too_small_for_a_validation_line(tmp_path):
+    """Fewer than 200 lines: no line is held out for validation. The run must still finish and save the
+    model (skipping the evaluation), not die after training with "no valid sample (the file is empty)"."""
+    import train_model
+    data = write_jsonl(tmp_path / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 150))
+    out = str(tmp_path / "out")
+    try:
+        train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--max_steps", "2",
+                          "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0"])
+    except SystemExit as e:
+        pytest.fail(f"train_model exited with {e.code!r}")
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
