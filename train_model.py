@@ -330,9 +330,13 @@ def evaluate(model, loader, args, device, autocast, world_size):
     batches = iter(loader)
     for _ in range(args.eval_batches):
         batch = next(batches, None)
-        # Every rank runs the same number of forwards: FSDP's all-gathers would hang otherwise.
-        if all_reduce_sum([batch is None], device, world_size)[0]:
+        if all_reduce_sum([batch is not None], device, world_size)[0] == 0:
             break
+        if batch is None:
+            # Ranks may hold one batch more than others. Every rank must run the same number of forwards
+            # (DDP broadcasts buffers, FSDP all-gathers weights), so this one runs a forward counting nothing.
+            batch = {"input_ids": torch.zeros((1, 2), dtype=torch.long),
+                     "labels": torch.full((1, 2), -100, dtype=torch.long)}
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast:
@@ -472,7 +476,7 @@ def train(args):
 
     model.train()
     batches = iter(train_loader)
-    bad_steps_in_row, step, val_loss = 0, start_step, None
+    bad_steps_in_row, step, val_loss, checkpoint = 0, start_step, None, None
     interval_seconds, interval_tokens = 0.0, 0  # training time only: evaluations and saves excluded
     while step < max_steps or args.max_steps is None:
         step_start = time.perf_counter()
@@ -484,8 +488,16 @@ def train(args):
         micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
                          if b is not None]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        short_ranks, step_tokens = all_reduce_sum(
-            [len(micro_batches) < args.accumulation_steps, local_tokens], device, world_size)
+        # One collective agrees on three things: the step's token count, whether any rank ran out of data,
+        # and whether any rank was asked to stop (signals reach ranks at different moments).
+        step_tokens, short_ranks, stopping = all_reduce_sum(
+            [local_tokens, len(micro_batches) < args.accumulation_steps, bool(stop_signal)], device, world_size)
+        if stopping:
+            path = checkpoint or save_checkpoint(step)
+            logger.write(f"stopped by a signal after step {step}; checkpoint in {path}.\n"
+                         f"resume with: {resume_command(path)}")
+            logger.close()
+            return None
         if short_ranks:
             break  # the data is used up (on some rank): drop the incomplete last step everywhere
         loss_sum = torch.zeros((), device=device)
@@ -544,12 +556,6 @@ def train(args):
         checkpoint = None
         if args.save_interval and step % args.save_interval == 0:
             checkpoint = save_checkpoint(step)
-        if stop_signal:
-            path = checkpoint or save_checkpoint(step)
-            logger.write(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint in {path}.\n"
-                         f"resume with: {resume_command(path)}")
-            logger.close()
-            return None
 
     if step % args.eval_interval != 0:
         val_loss = validate(step)
