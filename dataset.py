@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+PROBE_LINES = 2000  # lines read before training to check the file and estimate its length
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -83,14 +84,15 @@ def text_bytes(path, sample=64 << 20):
     return int(uncompressed * os.path.getsize(path) / compressed_read)
 
 
-def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, report=True,
+def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, report_after=0,
                max_lines=None):
     """Yield (line_number, parse(record)) for each good line of a JSONL file, in file order.
 
     A bad line (invalid UTF-8 or JSON, or rejected by `parse` with BadLine) is skipped and counted; at the
-    end one warning gives the count and the first positions. It stops with DataError on the first bad
-    line when `strict`, when bad lines exceed `max_bad_fraction`, or when no line is good.
-    `keep(line_number)` selects lines before they are parsed; `max_lines` stops early.
+    end one warning gives the count and the first positions of those after line `report_after` (None:
+    no warning). It stops with DataError on the first bad line when `strict`, when bad lines exceed
+    `max_bad_fraction`, or when no line is good. `keep(line_number)` selects lines before they are
+    parsed; `max_lines` stops early.
     """
     seen, bad, nonblank = 0, [], 0
     with open_binary(path) as f:
@@ -128,8 +130,10 @@ def read_jsonl(path, parse, keep=None, strict=False, max_bad_fraction=0.01, repo
         raise DataError(f"{path}: no valid sample ({_positions(path, bad)})")
     if len(bad) > max_bad_fraction * seen:
         raise DataError(_too_many_bad(path, seen, bad, max_bad_fraction))
-    if bad and report:
-        print(f"warning: skipped {len(bad)} bad line(s) of {seen} in {path}: {_positions(path, bad)}",
+    reported = [(line, reason) for line, reason in bad if report_after is not None and line > report_after]
+    if reported:
+        where = f" after its first {report_after} lines" if report_after else ""
+        print(f"warning: skipped {len(reported)} bad line(s) in {path}{where}: {_positions(path, reported)}",
               file=sys.stderr)
 
 
@@ -158,24 +162,29 @@ class JsonlDataset(IterableDataset):
         self.split, self.epochs, self.val_every = split, epochs, val_every
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.start_sample, self.strict, self.max_bad_fraction = start_sample, strict, max_bad_fraction
+        self._first_pass = True
 
     def _keep_line(self, line_number):
         held_out = line_number % self.val_every == 0
         return held_out if self.split == "val" else not held_out
 
-    def _records(self, report=True):
-        return read_jsonl(self.data_path, self.parse, keep=self._keep_line, strict=self.strict,
-                          max_bad_fraction=self.max_bad_fraction, report=report)
-
-    def _is_reporter(self):
+    def records(self):
+        """Good lines of this split. Bad lines of the first PROBE_LINES were reported by
+        `estimate_samples_per_epoch`; the rest are reported once, by one process, after the first pass.
+        Validation lines are too few for a meaningful share, so only the training split can stop on it."""
         info = get_worker_info()
-        return self.rank == 0 and (info is None or info.id == 0)
+        reporter = self.rank == 0 and (info is None or info.id == 0)
+        training = self.split == "train"
+        return read_jsonl(self.data_path, self.parse, keep=self._keep_line, strict=self.strict,
+                          max_bad_fraction=self.max_bad_fraction if training else 1.0,
+                          report_after=PROBE_LINES if training and reporter and self._first_pass else None)
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index = 0  # global sample index, counted across epochs
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
+            self._first_pass = epoch == 0
             for item in self._items():
                 relative = index - self.start_sample
                 index += 1
@@ -205,7 +214,7 @@ class PretrainDataset(JsonlDataset):
     def _documents(self, chunk_lines=1024):
         """Token arrays of the documents, each ending with <|endoftext|>, tokenized in batches."""
         chunk = []
-        records = self._records(report=self._is_reporter())
+        records = self.records()
         for _, text in records:
             chunk.append(text)
             if len(chunk) == chunk_lines:
@@ -259,7 +268,7 @@ class SFTDataset(JsonlDataset):
 
     def _items(self):
         window = []
-        for _, messages in self._records(report=self._is_reporter()):
+        for _, messages in self.records():
             window.append(messages)
             if len(window) == self.window:
                 yield from sorted(window, key=conversation_length)
@@ -332,15 +341,16 @@ def collate(samples, pad_id):
     return {"input_ids": input_ids, "labels": labels}
 
 
-def estimate_samples_per_epoch(dataset, probe_lines=2000):
+def estimate_samples_per_epoch(dataset, probe_lines=PROBE_LINES, report=True):
     """Training samples in one pass, from the first lines and the file size (a stream has no length).
 
     Reading these lines through the dataset's parser also checks the file before any training starts:
-    an empty file, one with no valid line or too many bad ones stops here with DataError.
+    an empty file, one with no valid line or too many bad ones stops here with DataError, and bad lines
+    among them are reported (when `report`).
     """
     values = [v for _, v in read_jsonl(dataset.data_path, dataset.parse, strict=dataset.strict,
-                                       max_bad_fraction=dataset.max_bad_fraction, report=False,
-                                       max_lines=probe_lines)]
+                                       max_bad_fraction=dataset.max_bad_fraction,
+                                       report_after=0 if report else None, max_lines=probe_lines)]
     with open_binary(dataset.data_path) as f:
         probe_bytes = sum(len(line) for _, line in zip(range(probe_lines), f))
     scale = text_bytes(dataset.data_path) / probe_bytes * (1 - 1 / dataset.val_every)

@@ -83,7 +83,7 @@ def eos_rate(model, tokenizer, data_path, prompts=20, max_new_tokens=200):
     held_out = SFTDataset(data_path, tokenizer, max_length=model.config.max_seq_len, split="val")
     args = argparse.Namespace(max_new_tokens=max_new_tokens, temperature=0, top_k=None, top_p=None)
     ended = asked = 0
-    for _, messages in held_out._records():
+    for _, messages in held_out.records():
         prompt_messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]

@@ -6,7 +6,7 @@ Hugging Face's Llama layout so that `transformers.LlamaForCausalLM` loads our ch
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -276,9 +276,10 @@ class Transformer(nn.Module):
         save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, model_dir, strict=True):
+    def from_pretrained(cls, model_dir, strict=True, **config_overrides):
+        """config_overrides replace fields that do not change the weights' shapes, such as dropout."""
         from safetensors.torch import load_file
-        config = load_config(model_dir)
+        config = replace(load_config(model_dir), **config_overrides)
         model = cls(config)
         hf_weights = load_file(os.path.join(model_dir, "model.safetensors"))
         state = {from_hf_name(k): v for k, v in hf_weights.items() if k != "lm_head.weight"}

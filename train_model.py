@@ -10,9 +10,12 @@ directory; out_dir/metrics.jsonl logs every --log_interval steps and every evalu
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
+import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -155,7 +158,7 @@ def build_model(args, tokenizer, resume_dir):
     if not os.path.isfile(os.path.join(source, "model.safetensors")):
         raise Fatal(f"{source} holds no model.safetensors; pass a directory written by train_model.py")
     try:
-        model = Transformer.from_pretrained(source, strict=True)
+        model = Transformer.from_pretrained(source, strict=True, dropout=args.dropout)
     except (ValueError, RuntimeError) as e:
         raise Fatal(f"cannot load {source}: {' '.join(str(e).split())[:300]}")
     if model.config.vocab_size != len(tokenizer):
@@ -164,7 +167,6 @@ def build_model(args, tokenizer, resume_dir):
     if args.max_seq_len > model.config.max_seq_len:
         raise Fatal(f"--max_seq_len {args.max_seq_len} is longer than the {model.config.max_seq_len} "
                     f"positions {source} supports; pass --max_seq_len {model.config.max_seq_len} or less")
-    model.config.dropout = args.dropout
     return model
 
 
@@ -252,8 +254,16 @@ def list_checkpoints(out_dir):
         return []
     steps = [int(name.split("-")[1]) for name in os.listdir(out_dir)
              if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-             and os.path.isfile(os.path.join(out_dir, name, STATE_FILE))]
+             and all(os.path.isfile(os.path.join(out_dir, name, f)) for f in (STATE_FILE, "model.safetensors"))]
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def remove_debris(out_dir):
+    """Temporary directories left by a run that was killed while saving or deleting a checkpoint."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if ".tmp" in name or ".deleting" in name or ".old" in name:
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def full_state(model, optimizer):
@@ -422,7 +432,8 @@ def train(args):
     train_set, train_loader = make_loader(args, tokenizer, "train", rank, world_size, device, samples_seen)
     _, val_loader = make_loader(args, tokenizer, "val", rank, world_size, device)
     # Reading the first lines also checks the data file before any training.
-    estimated_steps = math.ceil(estimate_samples_per_epoch(train_set) * args.epochs / samples_per_step)
+    estimated_steps = math.ceil(estimate_samples_per_epoch(train_set, report=is_main) * args.epochs
+                                / samples_per_step)
     if args.max_steps:
         max_steps = args.max_steps
     elif state is not None:
@@ -439,6 +450,8 @@ def train(args):
         scaler.load_state_dict(state["scaler"])
     peak_flops = measure_matmul_flops(device, dtype)
 
+    if is_main:
+        remove_debris(args.out_dir)
     logger = Logger(args, is_main, start_step, max_steps)
     if is_main:
         logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
@@ -462,7 +475,10 @@ def train(args):
                             "args": vars(args)}, os.path.join(tmp, STATE_FILE))
             save_atomically(path, write)
             for old in list_checkpoints(args.out_dir)[:-args.save_total_limit]:
-                shutil.rmtree(old)
+                # Rename first: a half-deleted directory must not look like a checkpoint.
+                doomed = f"{old}.deleting{os.getpid()}"
+                os.rename(old, doomed)
+                shutil.rmtree(doomed)
         if world_size > 1:
             dist.barrier()  # nobody reads or resumes from a checkpoint that is still being written
         return os.path.join(args.out_dir, f"checkpoint-{step}")
@@ -500,6 +516,12 @@ def train(args):
             return None
         if short_ranks:
             break  # the data is used up (on some rank): drop the incomplete last step everywhere
+        if step_tokens == 0:
+            # Possible in SFT when truncation cut off every answer in the step: nothing to learn from.
+            logger.write(f"step {step + 1}: no labelled tokens (answers truncated away?); skipped")
+            step += 1
+            samples_seen += samples_per_step
+            continue
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro_batches):
             input_ids = batch["input_ids"].to(device, non_blocking=True)
@@ -557,7 +579,7 @@ def train(args):
         if args.save_interval and step % args.save_interval == 0:
             checkpoint = save_checkpoint(step)
 
-    if step % args.eval_interval != 0:
+    if step > start_step and step % args.eval_interval != 0:
         val_loss = validate(step)
     model_state, _ = full_state(model, optimizer) if world_size > 1 else (raw_model.state_dict(), None)
     if is_main:
@@ -583,25 +605,33 @@ def save_final_model(out_dir, model, state_dict, tokenizer):
 
 
 def resume_command(checkpoint):
-    argv = [a for a in sys.argv]
+    argv = list(sys.argv)
     if "--resume" in argv:
         i = argv.index("--resume")
         del argv[i:i + 2]
-    launcher = "torchrun <same options>" if "RANK" in os.environ else "python"
-    return " ".join([launcher, *argv, "--resume", checkpoint])
+    launcher = ["torchrun", "<same options>"] if "RANK" in os.environ else [sys.executable]
+    return " ".join(launcher) + " " + shlex.join([*argv, "--resume", checkpoint])
 
 
 def main(argv=None):
     args = parse_args(argv)
+    error = None
     try:
         train(args)
     except (Fatal, DataError) as e:
         # From a DataLoader worker the message carries the worker's traceback; its last line is ours.
         last_line = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        sys.exit(f"error: {last_line.split('DataError: ', 1)[-1]}")
+        error = last_line.split("DataError: ", 1)[-1]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # DataLoader workers ignore SIGTERM (see ignore_stop_signals). After an error the loader's shutdown
+        # (run by gc) may leave them waiting, and the interpreter's exit would wait for them forever.
+        gc.collect()
+        for child in multiprocessing.active_children():
+            child.kill()
+    if error is not None:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def test_pretrain_short_documents_are_packed_together(tokenizer, tmp_path):
 def test_train_and_val_lines_are_disjoint(tokenizer, pretrain_file):
     def lines(split, val_every):
         dataset = PretrainDataset(pretrain_file, tokenizer, 16, split=split, val_every=val_every)
-        return dict(dataset._records(report=False))
+        return dict(dataset.records())
 
     for val_every in (VAL_EVERY, 7):
         train, val = lines("train", val_every), lines("val", val_every)

@@ -1,0 +1,560 @@
+"""Benchmark Tiny-LLM against its peers, side by side in one run.
+
+    python bench.py                              the demo model on CPU (2 to 3.5 minutes)
+    python bench.py --no-compile                 without our torch.compile'd training step
+    python bench.py --device cuda --config 215m  the 215M recipe's model on a GPU (bf16 autocast)
+    python bench.py --quick --json               small sizes, JSON instead of the table (smoke tests)
+
+Five sections, each a figure of ours against a peer's, with a goal:
+  1. train step tokens/s: model.Transformer against transformers' LlamaForCausalLM loaded from our own
+     checkpoint (same architecture, same weights): forward with labels, backward, AdamW step.
+  2. useful tokens/s (positions that carry loss): our packed PretrainDataset against padding every
+     document to max_seq_len, the same model and batch size.
+  3. greedy generation tokens/s: our KV-cache generate against HF generate and against recomputing
+     the whole context at every step; the three must produce the same tokens.
+  4. data preparation: JSONL to token ids through PretrainDataset, against the training tokens/s.
+  5. MFU of the training step against the measured matmul peak of the device.
+
+The machine may be shared (on CPU a background job can take most of it), so nothing is timed alone:
+contenders run in alternating rounds, one call each per round, and each figure is a contender's
+fastest round. Load only ever adds time, so the fastest round is the least disturbed one, and the
+alternation gives every contender the same chances at the quiet moments. On CPU the bench runs one
+torch thread and times with the CPU time of its process (see main and clock_for): with two threads
+on two busy cores the same train step took anything from 0.5 to 14 s, and medians swung from 0.6x
+to 1.5x between runs of the same code. Ratios are what the goals judge; absolute CPU figures are
+those of one core (--threads 2 on an idle machine for both cores).
+"""
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+
+from dataset import PretrainDataset, collate, open_binary, parse_text, read_jsonl
+from model import ModelConfig, Transformer
+from train_model import make_optimizer, measure_matmul_flops
+
+# Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
+CONFIGS = {
+    "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, train_seq_len=256),
+    "215m": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, train_seq_len=512),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, train_seq_len=256),
+}
+# Run sizes. Section 1 trains at train_seq_len (None: the config's). pack_len: section 2's max_seq_len
+# (the 215M recipe's 512), also the model length of section 3, which must hold prompt + new_tokens.
+# *_rounds and *_budget_s: see race(); a CPU run takes about 3 minutes, more on a loaded machine.
+SIZES = {
+    "full": dict(batch_size=8, train_seq_len=None, pack_len=512, prompt_len=16, new_tokens=256,
+                 train_rounds=(3, 15), train_budget_s=40, pack_rounds=(2, 6), pack_budget_s=20,
+                 gen_rounds=(1, 5), gen_budget_s=45),
+    "quick": dict(batch_size=2, train_seq_len=64, pack_len=128, prompt_len=8, new_tokens=32,
+                  train_rounds=(1, 2), train_budget_s=2, pack_rounds=(1, 1), pack_budget_s=1,
+                  gen_rounds=(1, 1), gen_budget_s=1),
+}
+GOALS = {  # minimum ratio of ours to the peer's
+    "train_eager": 1.0, "train_compiled": 1.2, "useful_tokens": 4.0, "gen_vs_hf": 2.0,
+    "gen_vs_recompute": 5.0, "data_vs_train": 20.0,
+}
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock_for(device):
+    """The clock of a timed call. On one CPU thread, the CPU time of this process: it counts what the
+    work costs and not the time the core was lent to other processes, so a loaded machine no longer
+    swings the figures (and on an idle machine it equals wall time). Otherwise wall time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
+def race(contenders, device, rounds, budget_s, warmup=1):
+    """Seconds per call of each contender, round by round, and what each returned on its first call.
+
+    Every round calls each contender once, the order reversed every other round so that neither
+    always follows the other (caches, turbo clocks). `warmup` untimed calls come first. rounds is
+    (min, max): past min, no round starts that would end after budget_s seconds, so a loaded machine
+    gives fewer samples instead of a run of unbounded length.
+    """
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    seconds = {name: [] for name in contenders}
+    first = {}
+    names, (min_rounds, max_rounds) = list(contenders), rounds
+    clock, start = clock_for(device), time.perf_counter()
+    for r in range(max_rounds):
+        elapsed = time.perf_counter() - start
+        if r >= min_rounds and elapsed * (r + 1) / r > budget_s:
+            break
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            call_start = clock()
+            out = contenders[name]()
+            sync(device)
+            seconds[name].append(clock() - call_start)
+            first.setdefault(name, out)
+    return seconds, first
+
+
+def best(seconds):
+    """The fastest call: load from other processes only ever adds time, so the fastest of several
+    alternating rounds is each contender's least disturbed run (as timeit takes the minimum)."""
+    return min(seconds)
+
+
+def speedup(ours_seconds, peer_seconds):
+    """How many times faster ours is than the peer, best round against best round."""
+    return best(peer_seconds) / best(ours_seconds)
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def model_config(name, vocab_size, max_seq_len):
+    shape = {k: v for k, v in CONFIGS[name].items() if k != "train_seq_len"}
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, **shape)
+
+
+def ours_and_hf(config, device, seed, init=None):
+    """Our Transformer and transformers' LlamaForCausalLM with identical weights.
+
+    HF's model comes from our own checkpoint (save_pretrained, then AutoModelForCausalLM), the way a
+    user of the peers' stack would load it. `init(model)` may change our weights first.
+    """
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    ours = Transformer(config)
+    if init is not None:
+        init(ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+    return ours.to(device), hf.to(device)
+
+
+def autocast_for(device):
+    """bf16 autocast on GPU, as train_model.py trains there; plain float32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step_fn(model, input_ids, labels, device):
+    """One full training step as train_model.py does it: forward with labels, backward, AdamW."""
+    optimizer = make_optimizer(model, argparse.Namespace(learning_rate=3e-4, weight_decay=0.1), device)
+    model.train()
+
+    def step():
+        with autocast_for(device):
+            loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+# --- data pipelines --------------------------------------------------------------------------------
+
+def count_useful_tokens(batch):
+    """Positions that carry loss: labels are shifted by one in the model, so the first never does."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def packed_batches(data_path, tokenizer, max_len, batch_size):
+    """Our pretraining pipeline: documents joined by <|endoftext|>, cut into full blocks, no padding."""
+    from torch.utils.data import DataLoader
+    dataset = PretrainDataset(data_path, tokenizer, max_len, batch_size=batch_size)
+    return DataLoader(dataset, batch_size=batch_size,
+                      collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+
+
+def training_texts(data_path, val_every=200):
+    """The documents PretrainDataset trains on: all lines but every val_every-th (its validation)."""
+    return (text for _, text in read_jsonl(data_path, parse_text, keep=lambda n: n % val_every != 0,
+                                           report_after=None))
+
+
+def padded_batches(texts, tokenizer, max_len, batch_size):
+    """The peers' pipeline: one document per row, tokenized + <|endoftext|>, truncated or padded to
+    max_len (the model's max_seq_len, as in a collator with padding="max_length"), labels -100 on
+    padding. Yields {"input_ids", "labels"} of shape (batch, max_len); the last batch may be short."""
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    texts = iter(texts)
+    while chunk := list(itertools.islice(texts, batch_size)):
+        input_ids = torch.full((len(chunk), max_len), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), max_len), -100, dtype=torch.long)
+        for row, ids in enumerate(tokenizer(chunk, add_special_tokens=False)["input_ids"]):
+            ids = torch.tensor((ids + [eos])[:max_len], dtype=torch.long)
+            input_ids[row, :len(ids)] = ids
+            labels[row, :len(ids)] = ids
+        yield {"input_ids": input_ids, "labels": labels}
+
+
+def useful_per_row(batches):
+    """(mean useful tokens per row, first batch) over a whole pipeline, from the actual data."""
+    useful = rows = 0
+    first = None
+    for batch in batches:
+        first = batch if first is None else first
+        useful += count_useful_tokens(batch)
+        rows += len(batch["labels"])
+    return useful / rows, first
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+def natural_scale_init(model):
+    """Matmul weights at std 1/sqrt(fan_in). At the usual 0.02 a random model's greedy output repeats
+    one token, which would make the identity check of section 3 nearly empty; at this scale the
+    tokens vary. (The embedding, tied to the output, keeps 0.02.)"""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and name != "tok_embeddings.weight":
+                param.normal_(0.0, param.shape[1] ** -0.5)
+
+
+@torch.no_grad()
+def generate_recompute(model, input_ids, new_tokens):
+    """The peers' way without a cache: a full forward over the whole context for every new token."""
+    tokens = input_ids
+    for _ in range(new_tokens):
+        next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
+
+
+def generation_methods(ours, hf, input_ids, new_tokens, device):
+    """The three greedy generators, each returning prompt + new_tokens ids; nothing stops early."""
+    ours.eval()
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # its default eos (2) could stop it before new_tokens
+    ones = torch.ones_like(input_ids)
+
+    def with_autocast(fn):
+        def run():
+            with autocast_for(device):
+                return fn()
+        return run
+    return {
+        "ours": with_autocast(lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None)),
+        "hf": with_autocast(lambda: hf.generate(input_ids, attention_mask=ones, max_new_tokens=new_tokens,
+                                                do_sample=False, pad_token_id=0)),
+        "recompute": with_autocast(lambda: generate_recompute(ours, input_ids, new_tokens)),
+    }
+
+
+def first_difference(a, b):
+    """First position where two id sequences differ, or None."""
+    if a.shape != b.shape:
+        return min(a.shape[-1], b.shape[-1])
+    diff = (a != b).nonzero()
+    return None if len(diff) == 0 else int(diff[0, -1])
+
+
+# --- the sections ----------------------------------------------------------------------------------
+
+def bench_train(args, sizes, tokenizer, device, log):
+    """Section 1 (and the measurements of section 5): train step tokens/s, ours against HF."""
+    seq = sizes["train_seq_len"] or CONFIGS[args.config]["train_seq_len"]
+    blocks = itertools.islice(PretrainDataset(args.data_path, tokenizer, seq), sizes["batch_size"])
+    batch = collate(list(blocks), pad_id=tokenizer.pad_token_id)  # real text, as training sees it
+    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    tokens = input_ids.numel()
+    config = model_config(args.config, len(tokenizer), seq)
+    ours, hf = ours_and_hf(config, device, args.seed)
+    with torch.no_grad(), autocast_for(device):
+        loss_ours = float(ours(input_ids, labels=labels).loss)
+        loss_hf = float(hf(input_ids=input_ids, labels=labels).loss)
+    contenders = {"ours": train_step_fn(ours, input_ids, labels, device),
+                  "hf": train_step_fn(hf, input_ids, labels, device)}
+    compile_seconds = None
+    if args.compile:
+        compiled = torch.compile(copy.deepcopy(ours))  # its own weights and optimizer state
+        step = train_step_fn(compiled, input_ids, labels, device)
+        log("compiling our model (forward and backward)")
+        start = time.perf_counter()
+        step()
+        step()
+        sync(device)
+        compile_seconds = time.perf_counter() - start
+        contenders["ours_compiled"] = step
+    # The matmul peak of section 5 runs as one more contender, so it sees the same load as the steps.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peaks = []
+
+    def matmul_peak():
+        clock = clock_for(device)
+        clock_start, wall_start = clock(), time.perf_counter()
+        flops = measure_matmul_flops(device, dtype, size=8192 if device.type == "cuda" else 1024, seconds=0.4)
+        # It divides by wall time; rescale to the bench's clock (a no-op when that is wall time). Its
+        # set-up counts in the wall time too, so the peak comes out a few percent high, MFU low.
+        peaks.append(flops * (time.perf_counter() - wall_start) / (clock() - clock_start))
+    contenders["matmul_peak"] = matmul_peak
+    log(f"timing {', '.join(contenders)} in alternating rounds")
+    seconds, _ = race(contenders, device, sizes["train_rounds"], sizes["train_budget_s"])
+    result = {
+        "batch_size": sizes["batch_size"], "seq_len": seq, "params": ours.num_params(),
+        "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        "loss_ours": loss_ours, "loss_hf": loss_hf,
+        "same_loss": abs(loss_ours - loss_hf) < (2e-2 if device.type == "cuda" else 1e-4),
+        "tokens_per_s": {name: tokens / best(seconds[name]) for name in contenders if name != "matmul_peak"},
+        "ratio_eager": speedup(seconds["ours"], seconds["hf"]),
+        "rounds": len(seconds["ours"]), "flops_per_token": ours.flops_per_token(seq),
+        "peak_flops": max(peaks),
+        "seconds": seconds,
+    }
+    if args.compile:
+        result["ratio_compiled"] = speedup(seconds["ours_compiled"], seconds["hf"])
+        result["compile_seconds"] = compile_seconds
+    return result
+
+
+def bench_useful_tokens(args, sizes, tokenizer, device, log):
+    """Section 2: useful tokens/s of our packed pipeline against padding every document."""
+    max_len, batch_size = sizes["pack_len"], sizes["batch_size"]
+    log(f"counting the useful tokens of both pipelines over {args.data_path}")
+    packed_row, packed = useful_per_row(packed_batches(args.data_path, tokenizer, max_len, batch_size))
+    padded_row, padded = useful_per_row(padded_batches(training_texts(args.data_path), tokenizer, max_len,
+                                                       batch_size))
+    torch.manual_seed(args.seed)
+    model = Transformer(model_config(args.config, len(tokenizer), max_len)).to(device)
+    # One model and one optimizer for both: only the batches differ. Both have shape (batch, max_len).
+    contenders = {name: train_step_fn(model, b["input_ids"].to(device), b["labels"].to(device), device)
+                  for name, b in (("packed", packed), ("padded", padded))}
+    log("timing a training step on each in alternating rounds")
+    seconds, _ = race(contenders, device, sizes["pack_rounds"], sizes["pack_budget_s"])
+    useful = {"packed": packed_row * batch_size, "padded": padded_row * batch_size}
+    useful_per_s = {name: useful[name] / best(seconds[name]) for name in seconds}
+    return {
+        "max_len": max_len, "batch_size": batch_size, "rounds": len(seconds["packed"]),
+        "useful_per_batch": useful, "step_seconds": {name: best(s) for name, s in seconds.items()},
+        "useful_tokens_per_s": useful_per_s, "ratio": useful_per_s["packed"] / useful_per_s["padded"],
+    }
+
+
+def bench_generation(args, sizes, tokenizer, device, log):
+    """Section 3: greedy tokens/s of our KV-cache generate, HF generate and full recomputation."""
+    new_tokens, prompt_len = sizes["new_tokens"], sizes["prompt_len"]
+    max_len = max(sizes["pack_len"], prompt_len + new_tokens)
+    ours, hf = ours_and_hf(model_config(args.config, len(tokenizer), max_len), device, args.seed,
+                           init=natural_scale_init)
+    text = next(training_texts(args.data_path))
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_len]
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    # Warm up on a few tokens: a full recompute run is the slowest thing in the bench.
+    race(generation_methods(ours, hf, input_ids, 4, device), device, (1, 1), 0, warmup=0)
+    methods = generation_methods(ours, hf, input_ids, new_tokens, device)
+    log(f"timing {new_tokens} new tokens with {', '.join(methods)} in alternating rounds")
+    seconds, outputs = race(methods, device, sizes["gen_rounds"], sizes["gen_budget_s"], warmup=0)
+    outputs = {name: ids.cpu() for name, ids in outputs.items()}
+    return {
+        "prompt_len": len(prompt), "new_tokens": new_tokens, "rounds": len(seconds["ours"]),
+        "tokens_per_s": {name: new_tokens / best(s) for name, s in seconds.items()},
+        "ratio_vs_hf": speedup(seconds["ours"], seconds["hf"]),
+        "ratio_vs_recompute": speedup(seconds["ours"], seconds["recompute"]),
+        "identical": {"hf": first_difference(outputs["ours"], outputs["hf"]) is None,
+                      "recompute": first_difference(outputs["ours"], outputs["recompute"]) is None},
+        "first_difference": {"hf": first_difference(outputs["ours"], outputs["hf"]),
+                             "recompute": first_difference(outputs["ours"], outputs["recompute"])},
+        "new_distinct_tokens": len(set(outputs["ours"][0, len(prompt):].tolist())),
+    }
+
+
+def bench_data(args, sizes, tokenizer, train_tokens_per_s, log):
+    """Section 4: JSONL to token ids through PretrainDataset, all blocks of the file."""
+    with open_binary(args.data_path) as f:
+        size = sum(len(line) for line in f)  # uncompressed bytes
+    log(f"tokenizing {size / 1e6:.1f} MB through PretrainDataset")
+    dataset = PretrainDataset(args.data_path, tokenizer, sizes["pack_len"])
+    start = time.perf_counter()
+    blocks = sum(1 for _ in dataset)
+    seconds = time.perf_counter() - start
+    tokens_per_s = blocks * sizes["pack_len"] / seconds
+    return {"bytes": size, "seconds": seconds, "blocks": blocks, "mb_per_s": size / 1e6 / seconds,
+            "tokens_per_s": tokens_per_s, "train_tokens_per_s": train_tokens_per_s,
+            "ratio": tokens_per_s / train_tokens_per_s}
+
+
+def mfu(train):
+    """Section 5: achieved FLOP/s (flops_per_token x tokens/s) over the measured matmul peak."""
+    return {name: train["flops_per_token"] * tps / train["peak_flops"]
+            for name, tps in train["tokens_per_s"].items()}
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    import transformers
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def rows(results):
+    """The table: (section, figure, unit, ours, peer, ratio, goal) per line; goal None: informative."""
+    t, u, g, d = (results[k] for k in ("train", "useful_tokens", "generation", "data_prep"))
+    tps = t["tokens_per_s"]
+    out = [("1 train step", "eager vs HF eager", "tok/s", tps["ours"], tps["hf"], t["ratio_eager"],
+            GOALS["train_eager"])]
+    if "ours_compiled" in tps:
+        out.append(("1 train step", "compiled vs HF eager", "tok/s", tps["ours_compiled"], tps["hf"],
+                    t["ratio_compiled"], GOALS["train_compiled"]))
+    out += [
+        ("2 useful tokens", "packed vs padded", "tok/s", u["useful_tokens_per_s"]["packed"],
+         u["useful_tokens_per_s"]["padded"], u["ratio"], GOALS["useful_tokens"]),
+        ("2 useful tokens", "per batch", "tok", u["useful_per_batch"]["packed"],
+         u["useful_per_batch"]["padded"], u["useful_per_batch"]["packed"] / u["useful_per_batch"]["padded"],
+         None),
+        ("3 generation", "KV cache vs HF generate", "tok/s", g["tokens_per_s"]["ours"],
+         g["tokens_per_s"]["hf"], g["ratio_vs_hf"], GOALS["gen_vs_hf"]),
+        ("3 generation", "KV cache vs recompute", "tok/s", g["tokens_per_s"]["ours"],
+         g["tokens_per_s"]["recompute"], g["ratio_vs_recompute"], GOALS["gen_vs_recompute"]),
+        ("4 data prep", "tokenize vs train (ours)", "tok/s", d["tokens_per_s"], d["train_tokens_per_s"],
+         d["ratio"], GOALS["data_vs_train"]),
+        ("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None, None),
+    ]
+    m = results["mfu"]
+    out.append(("5 MFU", "eager vs HF eager", "%", 100 * m["ours"], 100 * m["hf"], m["ours"] / m["hf"], None))
+    if "ours_compiled" in m:
+        out.append(("5 MFU", "compiled vs HF eager", "%", 100 * m["ours_compiled"], 100 * m["hf"],
+                    m["ours_compiled"] / m["hf"], None))
+    return [dict(section=s, figure=f, unit=unit, ours=o, peer=p, ratio=r, goal=goal,
+                 result=None if goal is None else r >= goal)
+            for s, f, unit, o, p, r, goal in out]
+
+
+def plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def fmt(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def print_table(results):
+    mach, t, g, u, d = (results[k] for k in ("machine", "train", "generation", "useful_tokens", "data_prep"))
+    c = results["config"]
+    threads = plural(mach["torch_threads"], "torch thread")
+    print(f"Tiny-LLM bench: {mach['cpu']}, {mach['cores']} cores ({threads}), "
+          f"torch {mach['torch']}, transformers {mach['transformers']}, device {mach['device']}"
+          + (f" ({mach['gpu']})" if "gpu" in mach else "")
+          + ("" if mach["load_average"] is None else f", load average {mach['load_average']:.2f} at start"))
+    print(f"model {results['settings']['config']}: dim {c['dim']}, {c['n_layers']} layers, "
+          f"{c['n_heads']} heads, {c['n_kv_heads']} kv heads, vocab {c['vocab_size']}, "
+          f"{t['params'] / 1e6:.2f}M parameters; {t['dtype']}; peer: transformers LlamaForCausalLM (sdpa) on the same weights")
+    header = ("section", "figure", "unit", "ours", "peer", "ratio", "goal", "result")
+    table = [header] + [(r["section"], r["figure"], r["unit"], fmt(r["ours"]), fmt(r["peer"]),
+                         "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                         "-" if r["goal"] is None else f">={r['goal']:g}x",
+                         "info" if r["result"] is None else ("PASS" if r["result"] else "FAIL"))
+                        for r in results["rows"]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:  # text columns left-aligned, numbers right-aligned
+        print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths))))
+    print(f"1: batch {t['batch_size']} x {t['seq_len']} tokens, forward with labels + backward + AdamW, "
+          f"{plural(t['rounds'], 'round')}; "
+          f"same loss at start: {t['same_loss']} ({t['loss_ours']:.5f} vs {t['loss_hf']:.5f})"
+          + (f"; compiling took {t['compile_seconds']:.0f} s" if "compile_seconds" in t else ""))
+    print(f"2: batch {u['batch_size']} x {u['max_len']}, {plural(u['rounds'], 'round')}; useful = labels[:, 1:] != -100; "
+          f"step {u['step_seconds']['packed']:.3f} s packed, {u['step_seconds']['padded']:.3f} s padded")
+    print(f"3: {g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, greedy, batch 1, "
+          f"{plural(g['rounds'], 'round')}; same tokens "
+          f"as HF: {g['identical']['hf']}, as recompute: {g['identical']['recompute']} "
+          f"({g['new_distinct_tokens']} distinct new tokens)")
+    print(f"4: {d['bytes'] / 1e6:.2f} MB of JSONL -> {d['blocks']} blocks in {d['seconds']:.2f} s "
+          f"(wall time, one pass); peer: our eager training tokens/s of section 1")
+    print(f"5: FLOPs/token = 6 x matmul weights + 6 x n_layers x dim x seq (causal attention counted once) = "
+          f"{t['flops_per_token'] / 1e6:.1f} MFLOP; peak = measured "
+          f"{'bf16' if 'bfloat16' in t['dtype'] else 'fp32'} matmul {t['peak_flops'] / 1e9:,.1f} GFLOP/s")
+    print("every figure: the fastest of alternating rounds (load only adds time); ratio = ours / peer")
+    if results["settings"]["quick"]:
+        print("--quick: smoke-test sizes, too small for the goals to mean anything; run without it")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--config", default="demo", choices=sorted(CONFIGS))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time our torch.compile'd training step (default: on, off with --quick; "
+                        "compiling takes about a minute on 2 CPU cores the first time, seconds after)")
+    p.add_argument("--quick", action="store_true", help="small sizes, one or two rounds: a smoke test")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--data_path", default="data/pretrain_poetry.jsonl.gz")
+    p.add_argument("--tokenizer_path", default="custom_tokenizer")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default 1 on CPU (see main), torch's choice on GPU")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compile is None:
+        args.compile = not args.quick
+    device = torch.device(args.device)
+    # One CPU thread by default. With two OpenMP threads on two cores that another job also uses, every
+    # op waits at a barrier for whichever thread is descheduled: the demo train step then took 0.5 to
+    # 14 s, while with one thread it took 0.9 to 1.4 s (and one thread can be timed by CPU time, see
+    # clock_for). Ratios compare implementations, which one thread shows as well; on an idle machine,
+    # --threads 2 gives the faster absolute figures.
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train_model.py
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # stdout/stderr stay readable (and --json stays pure)
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    sizes = SIZES["quick" if args.quick else "full"]
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    results = {"machine": machine(device), "settings": {**vars(args), **sizes},
+               "config": {k: v for k, v in CONFIGS[args.config].items()} | {"vocab_size": len(tokenizer)}}
+    log("1/5 train step")
+    results["train"] = bench_train(args, sizes, tokenizer, device, log)
+    log("4/5 data preparation (right after section 1, whose training tokens/s it is compared with)")
+    results["data_prep"] = bench_data(args, sizes, tokenizer, results["train"]["tokens_per_s"]["ours"], log)
+    log("2/5 useful tokens")
+    results["useful_tokens"] = bench_useful_tokens(args, sizes, tokenizer, device, log)
+    log("3/5 generation")
+    results["generation"] = bench_generation(args, sizes, tokenizer, device, log)
+    results["mfu"] = mfu(results["train"])
+    results["rows"] = rows(results)
+    results["seconds"] = time.perf_counter() - started
+    log("done")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""bench.py: the counting, the FLOP formula, the generation methods and a quick smoke run; no timing."""
+import json
+
+import pytest
+import torch
+
+import bench
+from conftest import TOKENIZER_DIR, tiny_config
+from model import Transformer
+
+
+def test_count_useful_tokens_skips_the_first_position_and_minus_100():
+    labels = torch.tensor([[5, 6, 7, 8, -100, -100],     # positions 1..3 carry loss: 3
+                           [-100, 1, 2, -100, 3, 4],     # 1, 2, 4, 5: 4 (the first never does)
+                           [9, -100, -100, -100, -100, -100]])  # 0
+    assert bench.count_useful_tokens({"input_ids": labels.clamp(min=0), "labels": labels}) == 7
+
+
+def shipped_training_texts(path):
+    """The texts PretrainDataset trains on, read here without dataset.py: all but every 200th line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for number, line in enumerate(f, 1) if number % 200 != 0]
+
+
+def test_padded_pipeline_counts_each_document_up_to_max_len(tokenizer, pretrain_file):
+    max_len, batch_size = 64, 8
+    texts = shipped_training_texts(pretrain_file)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + eos
+    assert any(n > max_len for n in lengths) and any(n < max_len for n in lengths)  # both cases occur
+    expected = sum(min(n, max_len) - 1 for n in lengths)
+
+    batches = list(bench.padded_batches(bench.training_texts(pretrain_file), tokenizer, max_len, batch_size))
+    assert sum(len(b["labels"]) for b in batches) == len(texts)
+    assert all(b["input_ids"].shape == (batch_size, max_len) for b in batches[:-1])
+    assert sum(bench.count_useful_tokens(b) for b in batches) == expected
+    # Row by row: the document, eos when it fits, then padding that carries no loss.
+    first = tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [eos]
+    row_ids, row_labels = batches[0]["input_ids"][0], batches[0]["labels"][0]
+    n = min(len(first), max_len)
+    assert row_ids[:n].tolist() == first[:n] and row_labels[:n].tolist() == first[:n]
+    assert (row_labels[n:] == -100).all() and (row_ids[n:] == tokenizer.pad_token_id).all()
+
+    per_row, first_batch = bench.useful_per_row(iter(batches))
+    assert per_row == pytest.approx(expected / len(texts))
+    assert first_batch is batches[0]
+
+
+def test_packed_pipeline_has_every_position_useful(tokenizer, pretrain_file):
+    per_row, batch = bench.useful_per_row(bench.packed_batches(pretrain_file, tokenizer, 64, 4))
+    assert per_row == 63 and batch["input_ids"].shape == (4, 64)
+
+
+def test_flops_per_token_by_hand(tokenizer):
+    config = tiny_config(len(tokenizer))  # dim 64, 2 layers, 4 heads, 2 kv heads (head_dim 16)
+    assert config.hidden_dim == 192  # 2/3 of 4 x 64 = 170, rounded up to a multiple of 64
+    per_layer = (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64  # wq, wk, wv (2 kv heads x 16), wo
+                 + 3 * 64 * 192)  # w1, w2, w3
+    matmul_weights = 2 * per_layer + len(tokenizer) * 64  # the lm_head, tied to the embedding: once
+    seq = 128
+    expected = 6 * matmul_weights + 6 * 2 * 64 * seq  # causal attention: 6 x n_layers x dim x seq
+    assert Transformer(config).flops_per_token(seq) == expected
+    # MFU: flops_per_token x tokens/s over the peak.
+    train = {"flops_per_token": expected, "peak_flops": 1e9, "tokens_per_s": {"ours": 1000.0, "hf": 500.0}}
+    assert bench.mfu(train) == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
+
+
+def test_the_three_generation_methods_give_the_same_tokens(tokenizer):
+    device = torch.device("cpu")
+    ours, hf = bench.ours_and_hf(tiny_config(len(tokenizer)), device, seed=0, init=bench.natural_scale_init)
+    prompt = torch.tensor([tokenizer("《静夜思》 李白", add_special_tokens=False)["input_ids"]])
+    outputs = {name: fn() for name, fn in bench.generation_methods(ours, hf, prompt, 40, device).items()}
+    assert outputs["ours"].shape == (1, prompt.shape[1] + 40)
+    assert torch.equal(outputs["ours"][:, :prompt.shape[1]], prompt)
+    assert torch.equal(outputs["ours"], outputs["hf"]) and torch.equal(outputs["ours"], outputs["recompute"])
+    assert len(set(outputs["ours"][0, prompt.shape[1]:].tolist())) > 1  # a check with something to check
+    assert bench.first_difference(outputs["ours"], outputs["hf"]) is None
+    changed = outputs["ours"].clone()
+    changed[0, -3] += 1
+    assert bench.first_difference(outputs["ours"], changed) == changed.shape[1] - 3
+
+
+def test_race_alternates_and_keeps_the_first_outputs():
+    calls = []
+    contenders = {"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}
+    seconds, first = bench.race(contenders, torch.device("cpu"), rounds=(3, 3), budget_s=0, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order flips each round
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3} and first == {"a": 3, "b": 4}
+
+
+def test_quick_json_run_reports_every_section(pretrain_file, capsys):
+    results = bench.main(["--quick", "--json", "--config", "tiny", "--data_path", pretrain_file,
+                          "--tokenizer_path", TOKENIZER_DIR])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == json.loads(json.dumps(results["rows"]))
+    for key in ("machine", "config", "train", "useful_tokens", "generation", "data_prep", "mfu"):
+        assert key in printed, key
+    assert {"cpu", "cores", "torch", "device"} <= set(printed["machine"])
+    assert printed["config"]["dim"] == 64 and printed["config"]["n_layers"] == 2
+    assert printed["train"]["same_loss"] and printed["train"]["seq_len"] == 64
+    assert printed["generation"]["identical"] == {"hf": True, "recompute": True}
+    assert printed["useful_tokens"]["useful_per_batch"]["packed"] == 2 * 127  # batch 2 x (128 - 1)
+    assert printed["data_prep"]["blocks"] > 0 and printed["data_prep"]["mb_per_s"] > 0
+    sections = {row["section"][0] for row in printed["rows"]}
+    assert sections == {"1", "2", "3", "4", "5"}
+    for row in printed["rows"]:
+        assert row["ours"] > 0
+        assert (row["goal"] is None) == (row["result"] is None)
+        if row["goal"] is not None:
+            assert row["result"] == (row["ratio"] >= row["goal"])
