@@ -205,6 +205,31 @@ def make_loader(args, tokenizer, split, rank, world_size, device, start_sample=0
     return dataset, loader
 
 
+def wrap_model(raw_model, args, world_size, device, dtype):
+    """The model as it trains: plain on one process, DDP under torchrun, FSDP2 with --fsdp."""
+    if world_size == 1:
+        return raw_model
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in raw_model.layers:
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(raw_model, mp_policy=policy)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def prepare_token_cache(args, tokenizer, is_main, world_size, device):
+    """Rank 0 tokenizes the training split into --token_cache unless it is up to date; the rest wait."""
+    if is_main:
+        streaming, _ = make_loader(argparse.Namespace(**{**vars(args), "token_cache": None}),
+                                   tokenizer, "train", 0, 1, device)
+        if build_token_cache(streaming, args.token_cache):
+            print(f"tokenized {args.data_path} into {args.token_cache}")
+    if world_size > 1:
+        dist.barrier()
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 def fsync_tree(path):
@@ -399,19 +424,9 @@ def train(args):
     if args.mode == "sft" and args.init_from is None and resume_dir is None and is_main:
         print("warning: SFT on a randomly initialised model; pass --init_from a pretrained model",
               file=sys.stderr)
-    if args.max_seq_len > model.config.max_seq_len:
-        raise Fatal(f"--max_seq_len {args.max_seq_len} exceeds the model's {model.config.max_seq_len}")
     raw_model = model.to(device)
     flops_per_token = raw_model.flops_per_token(args.max_seq_len)
-    if world_size > 1 and args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in raw_model.layers:
-            fully_shard(block, mp_policy=policy)
-        model = fully_shard(raw_model, mp_policy=policy)
-    elif world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(raw_model, args, world_size, device, dtype)
     optimizer = make_optimizer(model, args, device)
     start_step, samples_seen, tokens_seen = 0, 0, 0
     if state is not None:
@@ -422,13 +437,7 @@ def train(args):
 
     samples_per_step = args.batch_size * args.accumulation_steps * world_size
     if args.token_cache and args.mode == "pretrain":
-        if is_main:
-            cache_builder, _ = make_loader(argparse.Namespace(**{**vars(args), "token_cache": None}),
-                                           tokenizer, "train", 0, 1, device)
-            if build_token_cache(cache_builder, args.token_cache):
-                print(f"tokenized {args.data_path} into {args.token_cache}")
-        if world_size > 1:
-            dist.barrier()
+        prepare_token_cache(args, tokenizer, is_main, world_size, device)
     train_set, train_loader = make_loader(args, tokenizer, "train", rank, world_size, device, samples_seen)
     _, val_loader = make_loader(args, tokenizer, "val", rank, world_size, device)
     # Reading the first lines also checks the data file before any training.

@@ -3,14 +3,21 @@ import gzip
 import itertools
 import json
 import os
+import signal
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 TOKENIZER_DIR = os.path.join(REPO, "custom_tokenizer")
 DATA_DIR = os.path.join(REPO, "data")
+
+# Tiny models gain nothing from a second thread; on a busy 2-core machine two threads mostly wait.
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
 # A model small enough for a 2-core CPU: every test that trains uses these arguments.
 TINY_MODEL_ARGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2",
@@ -45,6 +52,16 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, tokenizer):
+    """A model directory for --init_from: the tiny architecture with 64 positions, untrained."""
+    from model import Transformer
+    path = tmp_path_factory.mktemp("base") / "model"
+    torch.manual_seed(0)
+    Transformer(tiny_config(len(tokenizer), max_seq_len=64)).save_pretrained(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def pretrain_file(tmp_path):
     return write_jsonl(tmp_path / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 400))
@@ -58,3 +75,22 @@ def sft_file(tmp_path):
 @pytest.fixture
 def belle_file(tmp_path):
     return write_jsonl(tmp_path / "sft_belle.jsonl", shipped_lines("sft_poetry_belle.jsonl.gz", 200))
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """train_model installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def run_main(argv):
+    """train_model.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
+    import train_model
+    try:
+        train_model.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return None

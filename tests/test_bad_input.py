@@ -17,32 +17,13 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, TOKENIZER_DIR, shipped_lines, tiny_config, write_jsonl
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, TOKENIZER_DIR, run_main, shipped_lines,
+                      tiny_config, write_jsonl)
 
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--save_interval", "0"]
-SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 SHORT_POEM_LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。",
                     "夜来风雨声，花落知多少。", "白日依山尽，黄河入海流。"]
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train_model installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-def run_main(argv):
-    """train_model.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
-    import train_model
-    try:
-        train_model.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return None
 
 
 def train_argv(data, out, *extra):
@@ -305,16 +286,6 @@ def test_conversation_whose_answer_is_cut_off_is_not_a_non_finite_step(tmp_path,
 
 
 # --- up-front checks: one line, before any work ------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer):
-    """A 64-position tiny model directory for --init_from."""
-    from model import Transformer
-    path = tmp_path_factory.mktemp("base") / "model"
-    torch.manual_seed(0)
-    Transformer(tiny_config(len(tokenizer), max_seq_len=64)).save_pretrained(str(path))
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def tokenizer_without_chat_template(tmp_path_factory):

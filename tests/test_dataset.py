@@ -12,8 +12,6 @@ from conftest import DATA_DIR, shipped_lines, write_jsonl
 from dataset import (PretrainDataset, SFTDataset, collate, encode_conversation, estimate_samples_per_epoch,
                      parse_conversation)
 
-torch.set_num_threads(1)
-
 PRETRAIN_GZ = os.path.join(DATA_DIR, "pretrain_poetry.jsonl.gz")
 SFT_GZ = os.path.join(DATA_DIR, "sft_poetry.jsonl.gz")
 VAL_EVERY = 200  # the datasets' default: every 200th line is held out

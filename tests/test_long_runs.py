@@ -20,37 +20,15 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, shipped_lines, tiny_config, write_jsonl
+from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fast settings shared by every run: a tiny model, a learning rate large enough that every update shows in
 # the losses, a log line per step and no evaluation but the final one.
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--learning_rate", "1e-2", "--warmup_iters", "2"]
-SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train_model installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-def run_main(argv):
-    """train_model.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
-    import train_model
-    try:
-        train_model.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return None
-
 
 def train_argv(data, out, *extra):
     return ["--data_path", data, "--out_dir", out, *FAST, *extra]
@@ -168,16 +146,6 @@ def test_checkpoints_are_hf_model_dirs_and_only_the_newest_are_kept(tmp_path, pr
 
 
 # --- exact resume ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer):
-    """A model directory for --init_from: the tiny architecture, the shipped tokenizer, no dropout."""
-    from model import Transformer
-    path = tmp_path_factory.mktemp("base") / "model"
-    torch.manual_seed(0)
-    Transformer(tiny_config(len(tokenizer), max_seq_len=64)).save_pretrained(str(path))
-    return str(path)
-
 
 RESUME_CASES = {
     "pretrain": ("pretrain", []),

@@ -17,7 +17,6 @@ from conftest import tiny_config
 from model import ModelConfig, Transformer
 
 # One thread: on a small shared CPU, two threads of tiny matmuls mostly wait for each other.
-torch.set_num_threads(1)
 ATOL = 1e-4
 POOL = 32
 

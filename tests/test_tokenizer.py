@@ -2,11 +2,8 @@
 import os
 
 import pytest
-import torch
 
 from conftest import DATA_DIR, TOKENIZER_DIR, shipped_lines, write_jsonl
-
-torch.set_num_threads(1)
 
 ROUND_TRIP = {
     "chinese_poetry": "《静夜思》 李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",

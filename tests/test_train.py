@@ -12,18 +12,6 @@ import torch
 from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, shipped_lines, tiny_config, write_jsonl
 from model import Transformer
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train_model installs SIGINT/SIGTERM handlers; put pytest's back after each in-process run."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 # --- the learning-rate schedule ------------------------------------------------------------------------
 
 def test_get_lr_warmup_is_linear():
@@ -239,6 +227,18 @@ def test_pretraining_metrics(pretrained):
         assert {"step", "val_loss", "val_ppl"} <= set(r)
         assert 0 < r["val_loss"] < 2 * math.log(6144)
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-5, abs=1e-3)
+
+
+def test_token_cache_trains_exactly_like_streaming(pretrained, tmp_path):
+    """--token_cache tokenizes once into a memmap; the run sees the same blocks, so the same losses."""
+    import train_model
+    data = os.path.join(os.path.dirname(pretrained), "pretrain.jsonl")
+    cache, out = str(tmp_path / "tokens.bin"), str(tmp_path / "out")
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--max_steps", "6",
+                      "--batch_size", "4", "--log_interval", "2", "--eval_interval", "3",
+                      "--eval_batches", "2", "--save_interval", "0", "--token_cache", cache])
+    assert os.path.getsize(cache) > 0 and os.path.isfile(cache + ".json")
+    assert [r.get("loss") for r in read_metrics(out)] == [r.get("loss") for r in read_metrics(pretrained)]
 
 
 # --- end to end: SFT ----------------------------------------------------------------------------------
