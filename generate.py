@@ -73,15 +73,15 @@ def chat(model, tokenizer, args):
         messages.append({"role": "assistant", "content": answer})
 
 
-def eos_rate(model, tokenizer, data_path, prompts=20, max_new_tokens=200):
-    """Share of held-out conversations whose greedy answer ends with <|im_end|> by itself.
+def eos_rate(model, tokenizer, data_path, args, prompts=20):
+    """Share of held-out conversations whose answer, sampled with args' settings, ends with <|im_end|>
+    by itself within args.max_new_tokens.
 
     Held out: the SFT validation lines that train_model.py never trains on; the prompt is each
     conversation up to its last user turn.
     """
     from dataset import SFTDataset
     held_out = SFTDataset(data_path, tokenizer, max_length=model.config.max_seq_len, split="val")
-    args = argparse.Namespace(max_new_tokens=max_new_tokens, temperature=0, top_k=None, top_p=None)
     ended = asked = 0
     for _, messages in held_out.records():
         prompt_messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eos_check", default=None, metavar="SFT_JSONL",
-                   help="report how often greedy answers to 20 held-out prompts end with <|im_end|>")
+                   help="report how often answers to 20 held-out prompts end with <|im_end|>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -118,9 +118,10 @@ def main(argv=None):
         torch.manual_seed(args.seed)
     model, tokenizer = load(args.model, args.device)
     if args.eos_check:
-        rate, asked = eos_rate(model, tokenizer, args.eos_check, max_new_tokens=args.max_new_tokens)
+        rate, asked = eos_rate(model, tokenizer, args.eos_check, args)
+        how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
         print(f"the model ended its answer with <|im_end|> by itself on {rate:.0%} of {asked} held-out "
-              f"prompts (within {args.max_new_tokens} new tokens)")
+              f"prompts (within {args.max_new_tokens} new tokens, {how})")
     elif args.chat and args.prompt is None:
         chat(model, tokenizer, args)
     elif args.chat:

@@ -59,7 +59,7 @@ def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):
                                    chat_template=CHAT_TEMPLATE, model_max_length=1_000_000)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data_path", nargs="+", default=["data/pretrain_poetry.jsonl.gz"],
                         help="JSONL files (.jsonl or .jsonl.gz) with text, messages or conversations")
@@ -69,7 +69,11 @@ def main():
                         help="sample the corpus down to about this many bytes. BPE training holds every "
                              "distinct word: about 70 bytes of memory per byte of Chinese text, so the "
                              "default 100 MB needs about 7 GB")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     for path in args.data_path:
         if not os.path.isfile(path):
             sys.exit(f"error: data file {path} does not exist")

@@ -13,21 +13,22 @@ if [ "$RECIPE" = demo ]; then
   echo "== 1/5 tokenizer: byte-level BPE, 6144 tokens, on the shipped poetry sample"
   python tokenizer.py --data_path data/pretrain_poetry.jsonl.gz data/sft_poetry.jsonl.gz \
     --vocab_size 6144 --out_dir $OUT/tokenizer
-  echo "== 2/5 pretraining a 4.5M-parameter model (about 6 minutes on 2 CPU cores)"
+  echo "== 2/5 pretraining a 4.5M-parameter model (about 8 minutes on 2 CPU cores)"
   python train_model.py --out_dir $OUT/base --data_path data/pretrain_poetry.jsonl.gz \
     --tokenizer_path $OUT/tokenizer $MODEL --batch_size 16 --learning_rate 2e-3 --warmup_iters 30 \
-    --max_steps 300 --eval_interval 100 --save_interval 100
+    --max_steps 400 --eval_interval 100 --save_interval 100
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
-  echo "== 4/5 supervised fine-tuning for chat (about 5 minutes)"
+  echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
   python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry.jsonl.gz --init_from $OUT/base \
     --tokenizer_path $OUT/base $MODEL --batch_size 16 --learning_rate 1e-3 --warmup_iters 20 \
-    --max_steps 300 --eval_interval 100 --save_interval 100
+    --max_steps 400 --eval_interval 100 --save_interval 100
   echo "== 5/5 chat with the fine-tuned model"
   python generate.py --model $OUT/sft --chat --prompt "请背诵孟浩然的《春晓》。" --seed 1
   python generate.py --model $OUT/sft --chat --prompt "“床前明月光”出自哪首作品？" --seed 1
   echo "== summary"
-  python generate.py --model $OUT/sft --eos_check data/sft_poetry.jsonl.gz
+  python generate.py --model $OUT/sft --eos_check data/sft_poetry.jsonl.gz --seed 1
+  python generate.py --model $OUT/sft --eos_check data/sft_poetry.jsonl.gz --temperature 0
   echo "models: $OUT/base (pretrained), $OUT/sft (chat); metrics: $OUT/*/metrics.jsonl"
   echo "chat yourself: python generate.py --model $OUT/sft --chat"
 elif [ "$RECIPE" = gpu ]; then

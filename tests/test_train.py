@@ -411,3 +411,29 @@ def test_training_on_a_file_too_small_for_a_validation_line(tmp_path):
     except SystemExit as e:
         pytest.fail(f"train_model exited with {e.code!r}")
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def test_eos_check_asks_held_out_prompts_and_counts_answers_that_end(tokenizer, sft_file, monkeypatch):
+    """--eos_check: prompts are validation conversations up to their last user turn; the rate is the share
+    of answers containing <|im_end|>."""
+    import argparse
+
+    import generate
+    from dataset import SFTDataset
+    held_out = [m for _, m in SFTDataset(sft_file, tokenizer, 64, split="val").records()]
+    prompts_seen = []
+
+    def fake_complete(model, tok, prompt, args, eos_token_id, streamer=None):
+        prompts_seen.append(tok.decode(prompt))
+        return [5, eos_token_id] if len(prompts_seen) % 2 else [5, 6]
+
+    monkeypatch.setattr(generate, "complete", fake_complete)
+    model = Transformer(tiny_config(len(tokenizer), max_seq_len=64))
+    args = argparse.Namespace(max_new_tokens=10, temperature=0, top_k=None, top_p=None)
+    rate, asked = generate.eos_rate(model, tokenizer, sft_file, args, prompts=20)
+    assert asked == len(held_out) == 2  # 400 lines, every 200th held out
+    assert rate == 0.5
+    for rendered, messages in zip(prompts_seen, held_out):
+        last_answer = messages[-1]["content"]
+        assert rendered.endswith("<|im_start|>assistant\n") and last_answer not in rendered
+        assert messages[0]["content"] in rendered
