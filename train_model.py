@@ -403,10 +403,7 @@ def train(args):
     is_main = rank == 0
     args.mode = training_mode(args)
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    if args.mode == "sft" and not tokenizer.chat_template:
-        raise Fatal(f"{args.tokenizer_path} has no chat template, which SFT needs; train the tokenizer "
-                    "with tokenizer.py")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)  # SFTDataset checks its chat template
 
     resume_dir = args.resume
     if resume_dir == "auto":
@@ -449,7 +446,7 @@ def train(args):
         max_steps = state["max_steps"]  # keep the schedule of the run being resumed
     else:
         max_steps = estimated_steps
-    if torch.cuda.is_available() and device.type == "cuda":
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     use_amp = dtype != torch.float32
@@ -462,10 +459,9 @@ def train(args):
     if is_main:
         remove_debris(args.out_dir)
     logger = Logger(args, is_main, start_step, max_steps)
-    if is_main:
-        logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
-                     f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
-                     f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
+    logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
+                 f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
+                 f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
 
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
