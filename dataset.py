@@ -150,18 +150,20 @@ def _too_many_bad(path, seen, bad, max_bad_fraction):
 class JsonlDataset(IterableDataset):
     """The shared machinery: passes over the file, the train/validation split, sharding and skipping.
 
-    Every `val_every`-th line is held out for validation. Subclasses define `_items()`, the items of one
-    pass in global order, and `_encode(item)`, the sample dict, run only for the items this process owns.
+    Every `val_every`-th line is held out for validation. Subclasses define `_items(epoch)`, the items of
+    one pass in global order (the same on every rank: it depends only on the file, `seed` and `epoch`),
+    and `_encode(item)`, the sample dict, run only for the items this process owns.
     """
 
     def __init__(self, data_path, tokenizer, max_length, *, split="train", epochs=1, rank=0,
                  world_size=1, batch_size=1, start_sample=0, strict=False, max_bad_fraction=0.01,
-                 val_every=200):
+                 val_every=200, seed=0):
         assert split in ("train", "val"), split
         self.data_path, self.tokenizer, self.max_length = data_path, tokenizer, max_length
         self.split, self.epochs, self.val_every = split, epochs, val_every
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.start_sample, self.strict, self.max_bad_fraction = start_sample, strict, max_bad_fraction
+        self.seed = seed
         self._first_pass = True
 
     def _keep_line(self, line_number):
@@ -185,7 +187,7 @@ class JsonlDataset(IterableDataset):
         index = 0  # global sample index, counted across epochs
         for epoch in range(self.epochs):
             self._first_pass = epoch == 0
-            for item in self._items():
+            for item in self._items(epoch):
                 relative = index - self.start_sample
                 index += 1
                 if relative < 0 or relative % self.world_size != self.rank:
@@ -228,7 +230,7 @@ class PretrainDataset(JsonlDataset):
         for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
             yield np.array(ids + [self.end_of_text], dtype=np.int64)
 
-    def _items(self):
+    def _items(self, epoch):
         if self.token_cache is not None:
             stream = np.memmap(self.token_cache, dtype=cache_dtype(self.tokenizer), mode="r")
             full = len(stream) // self.max_length * self.max_length
@@ -254,7 +256,10 @@ class SFTDataset(JsonlDataset):
 
     The template's {% generation %} block marks each assistant turn's content and its <|im_end|>, so the
     model learns to end its answers. Conversations are sorted by length inside windows of 64 global
-    batches, so a padded batch holds similar lengths; the windows keep the order global.
+    batches, so a padded batch holds similar lengths, and the window's batches are then trained in a
+    random order: trained short to long, each window would end on a run of the longest answers (long
+    poems, some cut off before their <|im_end|>), and where the run stops would decide whether the model
+    ends its answers. The order depends only on the file, the seed and the epoch, so it is global.
     """
 
     parse = staticmethod(parse_conversation)
@@ -266,14 +271,24 @@ class SFTDataset(JsonlDataset):
             raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
                             "SFT needs one (train it with tokenizer.py)")
 
-    def _items(self):
-        window = []
+    def _items(self, epoch):
+        window, window_index = [], 0
         for _, messages in self.records():
             window.append(messages)
             if len(window) == self.window:
-                yield from sorted(window, key=conversation_length)
-                window = []
-        yield from sorted(window, key=conversation_length)
+                yield from self._length_sorted_batches(window, [self.seed, epoch, window_index])
+                window, window_index = [], window_index + 1
+        yield from self._length_sorted_batches(window, [self.seed, epoch, window_index])
+
+    def _length_sorted_batches(self, window, seed):
+        """The window's conversations sorted by length, as global batches in random order; a last,
+        partial batch stays last, so that every other batch stays whole."""
+        window = sorted(window, key=conversation_length)
+        size = self.batch_size * self.world_size
+        full = len(window) // size
+        for batch in np.random.default_rng(seed).permutation(full):
+            yield from window[batch * size:(batch + 1) * size]
+        yield from window[full * size:]
 
     def _encode(self, messages):
         return encode_conversation(self.tokenizer, messages, self.max_length)

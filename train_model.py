@@ -198,7 +198,7 @@ def make_loader(args, tokenizer, split, rank, world_size, device, start_sample=0
     dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, split=split,
                             epochs=args.epochs if split == "train" else 1, rank=rank,
                             world_size=world_size, batch_size=args.batch_size, start_sample=start_sample,
-                            strict=args.strict, max_bad_fraction=args.max_bad_fraction)
+                            strict=args.strict, max_bad_fraction=args.max_bad_fraction, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)

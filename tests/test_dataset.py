@@ -371,7 +371,7 @@ def test_estimate_for_shipped_pretrain(shipped_pretrain):
 
 def test_estimate_for_shipped_sft(tokenizer):
     dataset = SFTDataset(SFT_GZ, tokenizer, 512)
-    true_count = sum(1 for _ in dataset._items())
+    true_count = sum(1 for _ in dataset._items(0))
     assert true_count == len(train_lines(range(8000)))
     assert estimate_samples_per_epoch(dataset) == pytest.approx(true_count, rel=0.1)
 
@@ -392,3 +392,29 @@ def test_estimate_for_a_large_gzipped_file(tokenizer, tmp_path):
     true_count = lines - lines // VAL_EVERY
     estimate = estimate_samples_per_epoch(SFTDataset(path, tokenizer, 512))
     assert estimate == pytest.approx(true_count, rel=0.1)
+
+
+def test_sft_batches_come_in_random_order_not_short_to_long(tokenizer, tmp_path):
+    """Sorted windows trained short to long end each window on the longest answers, which swings the
+    model's estimate of where answers end: the batches of a window come in a seeded random order."""
+    path = write_jsonl(tmp_path / "sft.jsonl", shipped_lines("sft_poetry.jsonl.gz", 1100))
+    per_epoch, batches_per_window = len(train_lines(range(1100))), 8
+
+    def epochs_of_batches(seed):
+        """Per epoch, the batches (as lists of sample lengths) of the first window."""
+        dataset = SFTDataset(path, tokenizer, 512, batch_size=16, window_batches=batches_per_window,
+                             seed=seed, epochs=2)
+        lengths = [len(s["input_ids"]) for s in dataset]
+        assert len(lengths) == 2 * per_epoch
+        return [[lengths[e * per_epoch + i:e * per_epoch + i + 16] for i in range(0, 16 * batches_per_window, 16)]
+                for e in range(2)]
+
+    first, second = epochs_of_batches(seed=0)
+    means = [sum(b) / len(b) for b in first]
+    assert means != sorted(means), "the window's batches came short to long"
+    # The same batches (runs of the window sorted by length), in another order in each epoch and seed;
+    # the same order for the same seed, as every rank must compute it.
+    assert second != first and sorted(second) == sorted(first)
+    other_seed = epochs_of_batches(seed=1)[0]
+    assert other_seed != first and sorted(other_seed) == sorted(first)
+    assert epochs_of_batches(seed=0)[0] == first
