@@ -14,6 +14,9 @@ Five sections, each a figure of ours against a peer's, with a goal:
      the whole context at every step; the three must produce the same tokens.
   4. data preparation: JSONL to token ids through PretrainDataset, against the training tokens/s.
   5. MFU of the training step against the measured matmul peak of the device.
+Sections 1 and 3 also time the model's weight matmuls alone, in the order the step runs them, and print
+the ceiling they set: how much faster than HF any implementation could be if everything but those
+matmuls took no time at all.
 
 The machine may be shared (on CPU a background job can take most of it), so nothing is timed alone:
 contenders run in alternating rounds, one call each per round, and each figure is a contender's
@@ -37,6 +40,8 @@ import time
 from functools import partial
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from dataset import PretrainDataset, collate, open_binary, parse_text, read_jsonl
 from model import ModelConfig, Transformer
@@ -256,6 +261,43 @@ def generation_methods(ours, hf, input_ids, new_tokens, device):
     }
 
 
+def linear_weights(model):
+    """The weight of every matmul with a weight, in forward order: wq ... w3 of each layer, the lm_head."""
+    return [module.weight.detach() for module in model.modules() if isinstance(module, nn.Linear)]
+
+
+def train_matmuls(model, tokens):
+    """Only the weight matmuls of a training step on `tokens` tokens: forward, then for each weight
+    the input gradient and the weight gradient, 6 FLOPs per weight and token (attention's matmuls are
+    left out, so the floor this sets is, if anything, too low)."""
+    weights = linear_weights(model)
+    inputs = {w: torch.randn(tokens, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
+    grads = {w: torch.randn(tokens, w.shape[0], device=w.device, dtype=w.dtype) for w in weights}
+
+    def run():
+        with torch.no_grad(), autocast_for(weights[0].device):
+            for w in weights:
+                F.linear(inputs[w], w)
+            for w in reversed(weights):
+                grads[w] @ w
+                grads[w].t() @ inputs[w]
+    return run
+
+
+def decode_matmuls(model, new_tokens):
+    """Only the weight matmuls of greedy decoding: one row through every weight, for each new token.
+    At batch 1 each token streams every weight from memory once, whatever the implementation."""
+    weights = linear_weights(model)
+    rows = {w: torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
+
+    def run():
+        with torch.no_grad(), autocast_for(weights[0].device):
+            for _ in range(new_tokens):
+                for w in weights:
+                    F.linear(rows[w], w)
+    return run
+
+
 def first_difference(a, b):
     """First position where two id sequences differ, or None."""
     if a.shape != b.shape:
@@ -291,6 +333,7 @@ def bench_train(args, sizes, tokenizer, device, log):
         sync(device)
         compile_seconds = time.perf_counter() - start
         contenders["ours_compiled"] = step
+    contenders["matmuls_only"] = train_matmuls(ours, tokens)
     # The matmul peak of section 5 runs as one more contender, so it sees the same load as the steps.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peaks = []
@@ -310,8 +353,11 @@ def bench_train(args, sizes, tokenizer, device, log):
         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
         "loss_ours": loss_ours, "loss_hf": loss_hf,
         "same_loss": abs(loss_ours - loss_hf) < (2e-2 if device.type == "cuda" else 1e-4),
-        "tokens_per_s": {name: tokens / best(seconds[name]) for name in contenders if name != "matmul_peak"},
+        "tokens_per_s": {name: tokens / best(seconds[name]) for name in contenders
+                         if name not in ("matmul_peak", "matmuls_only")},
+        "matmuls_only_tokens_per_s": tokens / best(seconds["matmuls_only"]),
         "ratio_eager": speedup(seconds["ours"], seconds["hf"]),
+        "ceiling_vs_hf": speedup(seconds["matmuls_only"], seconds["hf"]),
         "rounds": len(seconds["ours"]), "flops_per_token": ours.flops_per_token(seq),
         "peak_flops": max(peaks),
         "seconds": seconds,
@@ -357,14 +403,16 @@ def bench_generation(args, sizes, tokenizer, device, log):
     # Warm up on a few tokens: a full recompute run is the slowest thing in the bench.
     race(generation_methods(ours, hf, input_ids, 4, device), device, (1, 1), 0, warmup=0)
     methods = generation_methods(ours, hf, input_ids, new_tokens, device)
+    methods["matmuls_only"] = decode_matmuls(ours, new_tokens)
     log(f"timing {new_tokens} new tokens with {', '.join(methods)} in alternating rounds")
     seconds, outputs = race(methods, device, sizes["gen_rounds"], sizes["gen_budget_s"], warmup=0)
-    outputs = {name: ids.cpu() for name, ids in outputs.items()}
+    outputs = {name: ids.cpu() for name, ids in outputs.items() if ids is not None}
     return {
         "prompt_len": len(prompt), "new_tokens": new_tokens, "rounds": len(seconds["ours"]),
         "tokens_per_s": {name: new_tokens / best(s) for name, s in seconds.items()},
         "ratio_vs_hf": speedup(seconds["ours"], seconds["hf"]),
         "ratio_vs_recompute": speedup(seconds["ours"], seconds["recompute"]),
+        "ceiling_vs_hf": speedup(seconds["matmuls_only"], seconds["hf"]),
         "identical": {"hf": first_difference(outputs["ours"], outputs["hf"]) is None,
                       "recompute": first_difference(outputs["ours"], outputs["recompute"]) is None},
         "first_difference": {"hf": first_difference(outputs["ours"], outputs["hf"]),
@@ -419,6 +467,8 @@ def rows(results):
         out.append(("1 train step", "compiled vs HF eager", "tok/s", tps["ours_compiled"], tps["hf"],
                     t["ratio_compiled"], GOALS["train_compiled"]))
     out += [
+        ("1 train step", "ceiling: matmuls alone vs HF", "tok/s", t["matmuls_only_tokens_per_s"], tps["hf"],
+         t["ceiling_vs_hf"], None),
         ("2 useful tokens", "packed vs padded", "tok/s", u["useful_tokens_per_s"]["packed"],
          u["useful_tokens_per_s"]["padded"], u["ratio"], GOALS["useful_tokens"]),
         ("2 useful tokens", "per batch", "tok", u["useful_per_batch"]["packed"],
@@ -428,6 +478,8 @@ def rows(results):
          g["tokens_per_s"]["hf"], g["ratio_vs_hf"], GOALS["gen_vs_hf"]),
         ("3 generation", "KV cache vs recompute", "tok/s", g["tokens_per_s"]["ours"],
          g["tokens_per_s"]["recompute"], g["ratio_vs_recompute"], GOALS["gen_vs_recompute"]),
+        ("3 generation", "ceiling: matmuls alone vs HF", "tok/s", g["tokens_per_s"]["matmuls_only"],
+         g["tokens_per_s"]["hf"], g["ceiling_vs_hf"], None),
         ("4 data prep", "tokenize vs train (ours)", "tok/s", d["tokens_per_s"], d["train_tokens_per_s"],
          d["ratio"], GOALS["data_vs_train"]),
         ("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None, None),
@@ -488,6 +540,8 @@ def print_table(results):
     print(f"5: FLOPs/token = 6 x matmul weights + 6 x n_layers x dim x seq (causal attention counted once) = "
           f"{t['flops_per_token'] / 1e6:.1f} MFLOP; peak = measured "
           f"{'bf16' if 'bfloat16' in t['dtype'] else 'fp32'} matmul {t['peak_flops'] / 1e9:,.1f} GFLOP/s")
+    print("ceiling: the model's weight matmuls alone, in the step's order (1: forward and both gradients, "
+          "attention left out; 3: one row per token): no implementation beats HF by more than this ratio")
     print("every figure: the fastest of alternating rounds (load only adds time); ratio = ours / peer")
     if results["settings"]["quick"]:
         print("--quick: smoke-test sizes, too small for the goals to mean anything; run without it")

@@ -108,3 +108,18 @@ def test_quick_json_run_reports_every_section(pretrain_file, capsys):
         assert (row["goal"] is None) == (row["result"] is None)
         if row["goal"] is not None:
             assert row["result"] == (row["ratio"] >= row["goal"])
+
+
+def test_matmul_floors_do_the_models_weight_matmuls_and_nothing_else(tokenizer):
+    """The ceilings of sections 1 and 3 replay exactly the weight matmuls: 6 FLOPs per weight and
+    token for a training step (the FLOP formula without attention), 2 per weight and new token."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = Transformer(tiny_config(len(tokenizer)))
+    seq = 128
+    matmul_weights = (model.flops_per_token(seq) - 6 * model.config.n_layers * model.config.dim * seq) // 6
+    assert sum(w.numel() for w in bench.linear_weights(model)) == matmul_weights
+    for run, expected in [(bench.train_matmuls(model, tokens=96), 6 * matmul_weights * 96),
+                          (bench.decode_matmuls(model, new_tokens=5), 2 * matmul_weights * 5)]:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        assert counter.get_total_flops() == expected
