@@ -241,6 +241,26 @@ def test_token_cache_trains_exactly_like_streaming(pretrained, tmp_path):
     assert [r.get("loss") for r in read_metrics(out)] == [r.get("loss") for r in read_metrics(pretrained)]
 
 
+
+def test_compiled_training_matches_eager(pretrained, tmp_path):
+    """--compile (torch.compile of the model, forward and backward) trains the same run as eager: the
+    same losses and validation to float tolerance, and a model directory that loads as usual."""
+    import train_model
+    from model import Transformer
+    data = os.path.join(os.path.dirname(pretrained), "pretrain.jsonl")
+    out = str(tmp_path / "out")
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--max_steps", "6",
+                      "--batch_size", "4", "--log_interval", "2", "--eval_interval", "3",
+                      "--eval_batches", "2", "--save_interval", "0", "--compile"])
+    compiled, eager = read_metrics(out), read_metrics(pretrained)
+    assert [sorted(r) for r in compiled] == [sorted(r) for r in eager]
+    for key in ("loss", "val_loss"):
+        pairs = [(c[key], e[key]) for c, e in zip(compiled, eager) if key in e]
+        assert pairs and all(c == pytest.approx(e, rel=1e-4) for c, e in pairs), (key, pairs)
+    reloaded, trained = Transformer.from_pretrained(out), Transformer.from_pretrained(pretrained)
+    for (name, a), b in zip(reloaded.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
 # --- end to end: SFT ----------------------------------------------------------------------------------
 
 def test_training_mode_from_the_file_name(tmp_path):
