@@ -1,7 +1,7 @@
 """Benchmark Tiny-LLM against its peers, side by side in one run.
 
     python bench.py                              the demo model on CPU (2 to 3.5 minutes)
-    python bench.py --no-compile                 without our torch.compile'd training step
+    python bench.py --no-compile                 without torch.compile (training step, decoding step)
     python bench.py --device cuda --config 215m  the 215M recipe's model on a GPU (bf16 autocast)
     python bench.py --quick --json               small sizes, JSON instead of the table (smoke tests)
 
@@ -10,8 +10,9 @@ Five sections, each a figure of ours against a peer's, with a goal:
      checkpoint (same architecture, same weights): forward with labels, backward, AdamW step.
   2. useful tokens/s (positions that carry loss): our packed PretrainDataset against padding every
      document to max_seq_len, the same model and batch size.
-  3. greedy generation tokens/s: our KV-cache generate against HF generate and against recomputing
-     the whole context at every step; the three must produce the same tokens.
+  3. greedy generation tokens/s: our KV-cache generate (eager, and with its decoding step compiled)
+     against HF generate and against recomputing the whole context at every step; all must produce
+     the same tokens.
   4. data preparation: JSONL to token ids through PretrainDataset, against the training tokens/s.
   5. MFU of the training step against the measured matmul peak of the device.
 Sections 1 and 3 also time the model's weight matmuls alone, in the order the step runs them, and print
@@ -241,8 +242,8 @@ def generate_recompute(model, input_ids, new_tokens):
     return tokens
 
 
-def generation_methods(ours, hf, input_ids, new_tokens, device):
-    """The three greedy generators, each returning prompt + new_tokens ids; nothing stops early."""
+def generation_methods(ours, hf, input_ids, new_tokens, device, compile=False):
+    """The greedy generators, each returning prompt + new_tokens ids; nothing stops early."""
     ours.eval()
     hf.eval()
     hf.generation_config.eos_token_id = None  # its default eos (2) could stop it before new_tokens
@@ -253,12 +254,16 @@ def generation_methods(ours, hf, input_ids, new_tokens, device):
             with autocast_for(device):
                 return fn()
         return run
-    return {
+    methods = {
         "ours": with_autocast(lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None)),
         "hf": with_autocast(lambda: hf.generate(input_ids, attention_mask=ones, max_new_tokens=new_tokens,
                                                 do_sample=False, pad_token_id=0)),
         "recompute": with_autocast(lambda: generate_recompute(ours, input_ids, new_tokens)),
     }
+    if compile:
+        methods["ours_compiled"] = with_autocast(
+            lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None, compile=True))
+    return methods
 
 
 def linear_weights(model):
@@ -402,23 +407,31 @@ def bench_generation(args, sizes, tokenizer, device, log):
     input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     # Warm up on a few tokens: a full recompute run is the slowest thing in the bench.
     race(generation_methods(ours, hf, input_ids, 4, device), device, (1, 1), 0, warmup=0)
-    methods = generation_methods(ours, hf, input_ids, new_tokens, device)
+    methods = generation_methods(ours, hf, input_ids, new_tokens, device, args.compile)
+    compile_seconds = None
+    if args.compile:  # compile with the timed shapes: another cache length would compile once more
+        start = time.perf_counter()
+        methods["ours_compiled"]()
+        compile_seconds = time.perf_counter() - start
     methods["matmuls_only"] = decode_matmuls(ours, new_tokens)
     log(f"timing {new_tokens} new tokens with {', '.join(methods)} in alternating rounds")
     seconds, outputs = race(methods, device, sizes["gen_rounds"], sizes["gen_budget_s"], warmup=0)
     outputs = {name: ids.cpu() for name, ids in outputs.items() if ids is not None}
-    return {
+    compared = [name for name in ("hf", "recompute", "ours_compiled") if name in outputs]
+    result = {
         "prompt_len": len(prompt), "new_tokens": new_tokens, "rounds": len(seconds["ours"]),
         "tokens_per_s": {name: new_tokens / best(s) for name, s in seconds.items()},
         "ratio_vs_hf": speedup(seconds["ours"], seconds["hf"]),
         "ratio_vs_recompute": speedup(seconds["ours"], seconds["recompute"]),
         "ceiling_vs_hf": speedup(seconds["matmuls_only"], seconds["hf"]),
-        "identical": {"hf": first_difference(outputs["ours"], outputs["hf"]) is None,
-                      "recompute": first_difference(outputs["ours"], outputs["recompute"]) is None},
-        "first_difference": {"hf": first_difference(outputs["ours"], outputs["hf"]),
-                             "recompute": first_difference(outputs["ours"], outputs["recompute"])},
+        "identical": {name: first_difference(outputs["ours"], outputs[name]) is None for name in compared},
+        "first_difference": {name: first_difference(outputs["ours"], outputs[name]) for name in compared},
         "new_distinct_tokens": len(set(outputs["ours"][0, len(prompt):].tolist())),
     }
+    if args.compile:
+        result["ratio_compiled_vs_hf"] = speedup(seconds["ours_compiled"], seconds["hf"])
+        result["compile_seconds"] = compile_seconds
+    return result
 
 
 def bench_data(args, sizes, tokenizer, train_tokens_per_s, log):
@@ -475,7 +488,12 @@ def rows(results):
          u["useful_per_batch"]["padded"], u["useful_per_batch"]["packed"] / u["useful_per_batch"]["padded"],
          None),
         ("3 generation", "KV cache vs HF generate", "tok/s", g["tokens_per_s"]["ours"],
-         g["tokens_per_s"]["hf"], g["ratio_vs_hf"], GOALS["gen_vs_hf"]),
+         g["tokens_per_s"]["hf"], g["ratio_vs_hf"], None),
+    ]
+    if "ours_compiled" in g["tokens_per_s"]:
+        out.append(("3 generation", "compiled vs HF generate", "tok/s", g["tokens_per_s"]["ours_compiled"],
+                    g["tokens_per_s"]["hf"], g["ratio_compiled_vs_hf"], GOALS["gen_vs_hf"]))
+    out += [
         ("3 generation", "KV cache vs recompute", "tok/s", g["tokens_per_s"]["ours"],
          g["tokens_per_s"]["recompute"], g["ratio_vs_recompute"], GOALS["gen_vs_recompute"]),
         ("3 generation", "ceiling: matmuls alone vs HF", "tok/s", g["tokens_per_s"]["matmuls_only"],
@@ -532,9 +550,10 @@ def print_table(results):
     print(f"2: batch {u['batch_size']} x {u['max_len']}, {plural(u['rounds'], 'round')}; useful = labels[:, 1:] != -100; "
           f"step {u['step_seconds']['packed']:.3f} s packed, {u['step_seconds']['padded']:.3f} s padded")
     print(f"3: {g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, greedy, batch 1, "
-          f"{plural(g['rounds'], 'round')}; same tokens "
-          f"as HF: {g['identical']['hf']}, as recompute: {g['identical']['recompute']} "
-          f"({g['new_distinct_tokens']} distinct new tokens)")
+          f"{plural(g['rounds'], 'round')}; eager's tokens the same "
+          + ", ".join(f"as {name}: {same}" for name, same in g["identical"].items())
+          + f" ({g['new_distinct_tokens']} distinct new tokens)"
+          + (f"; compiling took {g['compile_seconds']:.0f} s" if "compile_seconds" in g else ""))
     print(f"4: {d['bytes'] / 1e6:.2f} MB of JSONL -> {d['blocks']} blocks in {d['seconds']:.2f} s "
           f"(wall time, one pass); peer: our eager training tokens/s of section 1")
     print(f"5: FLOPs/token = 6 x matmul weights + 6 x n_layers x dim x seq (causal attention counted once) = "
@@ -552,8 +571,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--config", default="demo", choices=sorted(CONFIGS))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time our torch.compile'd training step (default: on, off with --quick; "
-                        "compiling takes about a minute on 2 CPU cores the first time, seconds after)")
+                   help="also time our torch.compile'd training step and decoding step (default: on, off "
+                        "with --quick; compiling takes about a minute on 2 CPU cores the first time, "
+                        "seconds after)")
     p.add_argument("--quick", action="store_true", help="small sizes, one or two rounds: a smoke test")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--data_path", default="data/pretrain_poetry.jsonl.gz")

@@ -53,7 +53,8 @@ def complete(model, tokenizer, prompt_ids, args, eos_token_id, streamer=None):
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out = model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=eos_token_id, streamer=streamer)
+                         top_p=args.top_p, eos_token_id=eos_token_id, streamer=streamer,
+                         compile=args.compile)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--eos_check", default=None, metavar="SFT_JSONL",
                    help="report how often answers to 20 held-out prompts end with <|im_end|>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step: about twice the tokens/s on CPU, after 5-20 s of "
+                        "compiling on first use (once more when the context length first changes)")
     return p.parse_args(argv)
 
 

@@ -49,9 +49,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32 even under autocast: the mean of squares underflows in half precision.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
+        # The weight multiplies after the cast back, as in HF's LlamaRMSNorm.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x)
 
 
 def rope_cos_sin(head_dim, max_seq_len, theta):
@@ -74,19 +73,24 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, filled in place as generation proceeds."""
+    """Preallocated keys and values for every layer, written in place at the positions being decoded.
+
+    Attention always reads the whole cache (a mask hides what is not written yet), and the write
+    position is a tensor, not a Python int: every decoding step sees the same shapes, so one compiled
+    step serves every token without recompiling."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.length = 0  # positions already filled
+        self.max_len = max_len
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # positions already filled
 
-    def update(self, layer, k, v):
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer, positions, k, v):
+        """Store k, v (batch, kv_heads, seq, head_dim) at positions (seq,); return the whole cache."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -101,21 +105,16 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(self.layer_id, k, v)
-        # A single new token may look at everything cached; a longer chunk needs the causal mask, which
-        # SDPA's is_causal only gives when queries and keys start at the same position.
-        assert past == 0 or seq == 1, "extend a KV cache one token at a time after the prompt"
+            k, v = cache.update(self.layer_id, positions, k, v)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=seq > 1, enable_gqa=self.n_heads != self.n_kv_heads,
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads,
             dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.resid_dropout(self.wo(out))
@@ -141,8 +140,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -159,6 +158,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled_forward = None  # see compiled_decode_step
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2*n_layers), so
         # the residual stream's variance does not grow with depth. Only wo and w2 write to the residual.
@@ -190,15 +190,20 @@ class Transformer(nn.Module):
         step equally, however the tokens are spread over micro-batches.
         """
         seq = input_ids.shape[1]
-        start = cache.length if cache is not None else 0
-        assert start + seq <= self.config.max_seq_len, \
-            f"sequence of {start + seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
-        cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
+        positions = mask = None
+        if cache is None:
+            assert seq <= self.config.max_seq_len, \
+                f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            positions = cache.length + torch.arange(seq, device=input_ids.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            # (seq, cache length): each new token sees the cache up to its own position, causal.
+            mask = torch.arange(cache.max_len, device=input_ids.device) <= positions[:, None]
+            cache.length += seq
         h = self.dropout(self.tok_embeddings(input_ids))
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
-        if cache is not None:
-            cache.length += seq
+            h = layer(h, cos, sin, cache, positions, mask)
         h = self.norm(h)
         if labels is None:
             # Generation needs only the last position's distribution: skip the other lm_head rows.
@@ -214,11 +219,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, streamer=None):
+                 eos_token_id=None, streamer=None, compile=False):
         """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
 
         temperature 0 is greedy. Sequences that produced eos_token_id are padded with it until all
         are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
+        compile: run the one-token decoding steps through torch.compile (compiled on first use, then
+        kept with the model); the prompt pass stays eager, as prompt lengths vary.
         """
         was_training = self.training
         self.eval()
@@ -229,9 +236,11 @@ class Transformer(nn.Module):
         tokens[:, :prompt_len] = input_ids
         cache = KVCache(self.config, batch, total, input_ids.device, self.tok_embeddings.weight.dtype)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        decode_step = self.compiled_decode_step() if compile else self
         next_input = input_ids
         for pos in range(prompt_len, total):
-            logits = self(next_input, cache=cache).logits[:, -1].float()
+            step = self if pos == prompt_len else decode_step
+            logits = step(next_input, cache=cache).logits[:, -1].float()
             next_token = sample_next_token(logits, temperature, top_k, top_p)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos_token_id, next_token)
@@ -248,6 +257,15 @@ class Transformer(nn.Module):
             pos = total
         self.train(was_training)
         return tokens[:, :pos]
+
+    def compiled_decode_step(self):
+        """forward through torch.compile, made once per model. A decoding step does little work per
+        kernel, so on CPU the compiled graph is called from C++ (cpp_wrapper), not from Python.
+        A new batch size or cache length compiles once more, with those sizes symbolic from then on."""
+        if self._compiled_forward is None:
+            on_cpu = self.tok_embeddings.weight.device.type == "cpu"
+            self._compiled_forward = torch.compile(self.forward, options={"cpp_wrapper": on_cpu})
+        return self._compiled_forward
 
     # --- Hugging Face Llama layout --------------------------------------------------------------
 

@@ -65,14 +65,17 @@ def test_flops_per_token_by_hand(tokenizer):
     assert bench.mfu(train) == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
 
 
-def test_the_three_generation_methods_give_the_same_tokens(tokenizer):
+def test_the_generation_methods_give_the_same_tokens(tokenizer):
     device = torch.device("cpu")
     ours, hf = bench.ours_and_hf(tiny_config(len(tokenizer)), device, seed=0, init=bench.natural_scale_init)
     prompt = torch.tensor([tokenizer("《静夜思》 李白", add_special_tokens=False)["input_ids"]])
-    outputs = {name: fn() for name, fn in bench.generation_methods(ours, hf, prompt, 40, device).items()}
+    methods = bench.generation_methods(ours, hf, prompt, 40, device, compile=True)
+    outputs = {name: fn() for name, fn in methods.items()}
+    assert set(outputs) == {"ours", "hf", "recompute", "ours_compiled"}
     assert outputs["ours"].shape == (1, prompt.shape[1] + 40)
     assert torch.equal(outputs["ours"][:, :prompt.shape[1]], prompt)
-    assert torch.equal(outputs["ours"], outputs["hf"]) and torch.equal(outputs["ours"], outputs["recompute"])
+    for name in ("hf", "recompute", "ours_compiled"):
+        assert torch.equal(outputs["ours"], outputs[name]), name
     assert len(set(outputs["ours"][0, prompt.shape[1]:].tolist())) > 1  # a check with something to check
     assert bench.first_difference(outputs["ours"], outputs["hf"]) is None
     changed = outputs["ours"].clone()

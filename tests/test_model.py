@@ -249,20 +249,34 @@ def test_kv_cache_generation_equals_full_recompute(trained):
 
 
 def test_kv_cache_logits_equal_the_full_forward(trained):
-    """Token by token through the cache, each position's logits are the full forward's (random tokens, so
-    that they depend on the context and on the positions, not only on the last token)."""
+    """Through the cache, a prompt, then a chunk of 6 tokens, then token by token: each last position's
+    logits are the full forward's (random tokens, so that they depend on the context and on the
+    positions, not only on the last token). The cache is longer than what gets written: attention
+    must not see its unwritten end, nor a chunk's later tokens."""
     from model import KVCache
     model, _, _ = trained
     ids = random_ids(model.config.vocab_size, 2, 40, seed=29)
     with torch.no_grad():
         full = model(ids).logits
-        cache = KVCache(model.config, 2, 40, ids.device, torch.float32)
-        prefill = model(ids[:, :10], cache=cache).logits
-        torch.testing.assert_close(prefill[:, -1], full[:, 9], atol=ATOL, rtol=0)
-        for pos in range(10, 40):
-            step = model(ids[:, pos:pos + 1], cache=cache).logits
-            torch.testing.assert_close(step[:, -1], full[:, pos], atol=ATOL, rtol=0)
+        cache = KVCache(model.config, 2, 48, ids.device, torch.float32)
+        for start, end in [(0, 10), (10, 16)] + [(pos, pos + 1) for pos in range(16, 40)]:
+            logits = model(ids[:, start:end], cache=cache).logits
+            torch.testing.assert_close(logits[:, -1], full[:, end - 1], atol=ATOL, rtol=0)
         assert cache.length == 40
+
+
+def test_compiled_generate_equals_eager(trained):
+    """generate(compile=True): the same tokens as eager, for a batch that stops on eos and for a second
+    prompt length (one recompilation, with symbolic sizes); the same shapes again compile nothing."""
+    model, _, _ = trained
+    ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
+    eos = model.generate(ids, 20, temperature=0)[0, 6 + 7].item()  # row 0 stops early, row 1 runs on
+    for prompt, n in [(ids, 20), (ids[:, :4], 30)]:
+        eager = model.generate(prompt, n, temperature=0, eos_token_id=eos)
+        assert torch.equal(model.generate(prompt, n, temperature=0, eos_token_id=eos, compile=True), eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = model.generate(ids, 20, temperature=0, eos_token_id=eos, compile=True)
+    assert torch.equal(again, model.generate(ids, 20, temperature=0, eos_token_id=eos))
 
 
 def test_generate_stops_at_max_seq_len(trained):

@@ -391,11 +391,12 @@ def test_generate_prints_only_the_new_text(pretrained, generate_to_capsys, capsy
     assert not out.startswith(prompt)
 
 
-def test_generate_chat_with_prompt(pretrained, generate_to_capsys, capsys):
+@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_generate_chat_with_prompt(pretrained, generate_to_capsys, capsys, compile_flag):
     from transformers import AutoTokenizer
     question = "请背诵《静夜思》。"
     generate_to_capsys.main(["--model", pretrained, "--chat", "--prompt", question, "--max_new_tokens", "6",
-                             "--temperature", "0", "--device", "cpu"])
+                             "--temperature", "0", "--device", "cpu", *compile_flag])
     out = capsys.readouterr().out
     ids = AutoTokenizer.from_pretrained(pretrained)(
         f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
