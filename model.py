@@ -145,6 +145,46 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h @ weight.T against targets (-100: no loss), without ever
+    holding all the logits. (tokens, vocab) is the largest tensor of a training step, and log_softmax
+    with nll_loss passes over it about six times (log-probabilities, a zero-filled gradient, its
+    backward); here the elementwise work happens on chunks of tokens, each small enough to stay in
+    the CPU caches (256 tokens: 6 MB of logits at vocab 6144). On a GPU, where a kernel launch costs
+    more than the traffic, a chunk is up to 8192 tokens.
+
+    The loss is the last op of the model, so its gradients can be taken right away: each chunk turns
+    its logits in place into d(loss)/d(logits) = softmax - onehot and feeds that to the two gradient
+    matmuls; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, with_grads):
+        chunk = 256 if h.device.type == "cpu" else 8192
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if with_grads else None
+        grad_weight = torch.zeros_like(weight) if with_grads else None
+        for start in range(0, h.shape[0], chunk):
+            h_chunk, t_chunk = h[start:start + chunk], targets[start:start + chunk]
+            logits = (h_chunk @ weight.t()).float()  # float32 even under autocast, as HF's loss
+            labelled = (t_chunk != -100)[:, None]
+            t_chunk = t_chunk.clamp(min=0)[:, None]  # any valid index for unlabelled rows
+            log_sum_exp = logits.logsumexp(-1, keepdim=True)
+            loss += ((log_sum_exp - logits.gather(1, t_chunk)) * labelled).sum()
+            if with_grads:
+                d_logits = logits.sub_(log_sum_exp).exp_()  # softmax
+                d_logits.scatter_add_(1, t_chunk, -labelled.float())  # minus the one-hot target
+                d_logits = d_logits.mul_(labelled).to(h.dtype)  # unlabelled rows: no gradient
+                grad_h[start:start + chunk] = d_logits @ weight
+                grad_weight += d_logits.t() @ h_chunk
+        ctx.save_for_backward(grad_h, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss, grad_weight * grad_loss, None, None
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -187,7 +227,8 @@ class Transformer(nn.Module):
 
         The loss is the mean over this batch's labelled tokens, or, given num_items_in_batch (as in HF),
         their sum divided by it: under gradient accumulation that weights every token of the optimizer
-        step equally, however the tokens are spread over micro-batches.
+        step equally, however the tokens are spread over micro-batches. With labels, no logits are
+        returned: the loss is taken chunk by chunk without ever holding them all (LinearCrossEntropy).
         """
         seq = input_ids.shape[1]
         positions = mask = None
@@ -208,14 +249,11 @@ class Transformer(nn.Module):
         if labels is None:
             # Generation needs only the last position's distribution: skip the other lm_head rows.
             return SimpleNamespace(logits=self.output(h[:, -1:] if cache is not None else h), loss=None)
-        logits = self.output(h)
-        # Shift the labels, not the logits: slicing (batch, seq, vocab) logits would copy all of them.
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-        return SimpleNamespace(logits=logits, loss=loss)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
+        loss = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.output.weight, targets,
+                                        torch.is_grad_enabled() and h.requires_grad)
+        return SimpleNamespace(logits=None, loss=loss / (
+            (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch))
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -215,6 +215,23 @@ def test_num_items_in_batch_is_a_sum_over_tokens(trained):
                                    model(ids, labels=labels).loss, atol=1e-6, rtol=0)
 
 
+def test_gradients_match_hf(trained):
+    """The loss's gradients, which LinearCrossEntropy computes by hand in chunks of 256 tokens (384
+    tokens here: a full chunk and a partial one), are autograd's through HF's model, every weight."""
+    import copy
+    from model import to_hf_name
+    model, _, hf = (copy.deepcopy(m) for m in trained)
+    ids = random_ids(model.config.vocab_size, 3, 128, seed=13)
+    labels = _labels_with_holes(ids, seed=13)
+    model(ids, labels=labels, num_items_in_batch=100).loss.backward()
+    hf(ids, labels=labels, num_items_in_batch=100).loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, param in model.named_parameters():  # output.weight is tok_embeddings.weight: both uses
+        expected = theirs[to_hf_name(name)].grad
+        torch.testing.assert_close(param.grad, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 # --- generation ---------------------------------------------------------------------------------------
 
 def test_greedy_generate_matches_hf(trained):
