@@ -158,11 +158,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     matmuls; backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, with_grads):
+    def forward(ctx, h, weight, targets, grad_enabled):
+        # Autograd is off in here: the caller's grad mode says whether gradients will be wanted at all.
+        want_h, want_weight = (grad_enabled and wanted for wanted in ctx.needs_input_grad[:2])
         chunk = 256 if h.device.type == "cpu" else 8192
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if with_grads else None
-        grad_weight = torch.zeros_like(weight) if with_grads else None
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
         for start in range(0, h.shape[0], chunk):
             h_chunk, t_chunk = h[start:start + chunk], targets[start:start + chunk]
             logits = (h_chunk @ weight.t()).float()  # float32 even under autocast, as HF's loss
@@ -170,19 +172,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             t_chunk = t_chunk.clamp(min=0)[:, None]  # any valid index for unlabelled rows
             log_sum_exp = logits.logsumexp(-1, keepdim=True)
             loss += ((log_sum_exp - logits.gather(1, t_chunk)) * labelled).sum()
-            if with_grads:
+            if want_h or want_weight:
                 d_logits = logits.sub_(log_sum_exp).exp_()  # softmax
                 d_logits.scatter_add_(1, t_chunk, -labelled.float())  # minus the one-hot target
                 d_logits = d_logits.mul_(labelled).to(h.dtype)  # unlabelled rows: no gradient
-                grad_h[start:start + chunk] = d_logits @ weight
-                grad_weight += d_logits.t() @ h_chunk
+                if want_h:
+                    grad_h[start:start + chunk] = d_logits @ weight
+                if want_weight:
+                    grad_weight += d_logits.t() @ h_chunk
         ctx.save_for_backward(grad_h, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_loss, grad_weight * grad_loss, None, None
+        return tuple(None if grad is None else grad * grad_loss for grad in ctx.saved_tensors) + (None, None)
 
 
 class Transformer(nn.Module):
@@ -251,7 +254,7 @@ class Transformer(nn.Module):
             return SimpleNamespace(logits=self.output(h[:, -1:] if cache is not None else h), loss=None)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
         loss = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.output.weight, targets,
-                                        torch.is_grad_enabled() and h.requires_grad)
+                                        torch.is_grad_enabled())
         return SimpleNamespace(logits=None, loss=loss / (
             (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch))
 

@@ -232,6 +232,34 @@ def test_gradients_match_hf(trained):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("h_grad,weight_grad", [(True, True), (True, False), (False, True)])
+def test_linear_cross_entropy_gives_only_the_gradients_asked_for(h_grad, weight_grad):
+    """Against autograd through F.cross_entropy of the full logits, whichever inputs require
+    gradients (a frozen output layer, or a frozen body below an untied one); and the same loss under
+    no_grad, where it takes no gradients."""
+    from model import LinearCrossEntropy
+    g = torch.Generator().manual_seed(14)
+    h, weight = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    targets = torch.randint(50, (300,), generator=g)
+    targets[::7] = -100
+    results = []
+    for ours in (True, False):
+        a, b = h.clone().requires_grad_(h_grad), weight.clone().requires_grad_(weight_grad)
+        loss = (LinearCrossEntropy.apply(a, b, targets, True) if ours
+                else F.cross_entropy(a @ b.t(), targets, ignore_index=-100, reduction="sum"))
+        (3 * loss).backward()
+        results.append((loss.detach(), a.grad, b.grad))
+    (loss, grad_h, grad_weight), (expected_loss, expected_h, expected_weight) = results
+    torch.testing.assert_close(loss, expected_loss)
+    for grad, expected in [(grad_h, expected_h), (grad_weight, expected_weight)]:
+        assert (grad is None) == (expected is None)
+        if expected is not None:
+            torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        loss = LinearCrossEntropy.apply(h.requires_grad_(), weight, targets, torch.is_grad_enabled())
+    torch.testing.assert_close(loss, expected_loss)
+
+
 # --- generation ---------------------------------------------------------------------------------------
 
 def test_greedy_generate_matches_hf(trained):
