@@ -164,7 +164,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk = 256 if h.device.type == "cpu" else 8192
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        # Summed over chunks in float32 even when the weight is bf16 (FSDP's mixed precision).
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         for start in range(0, h.shape[0], chunk):
             h_chunk, t_chunk = h[start:start + chunk], targets[start:start + chunk]
             logits = (h_chunk @ weight.t()).float()  # float32 even under autocast, as HF's loss
@@ -180,7 +181,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start:start + chunk] = d_logits @ weight
                 if want_weight:
                     grad_weight += d_logits.t() @ h_chunk
-        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.save_for_backward(grad_h, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
