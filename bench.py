@@ -254,15 +254,17 @@ def generation_methods(ours, hf, input_ids, new_tokens, device, compile=False):
             with autocast_for(device):
                 return fn()
         return run
+    def ours_greedy(compiled):
+        return with_autocast(lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None,
+                                                   compile=compiled))
     methods = {
-        "ours": with_autocast(lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None)),
+        "ours": ours_greedy(compiled=False),
         "hf": with_autocast(lambda: hf.generate(input_ids, attention_mask=ones, max_new_tokens=new_tokens,
                                                 do_sample=False, pad_token_id=0)),
         "recompute": with_autocast(lambda: generate_recompute(ours, input_ids, new_tokens)),
     }
     if compile:
-        methods["ours_compiled"] = with_autocast(
-            lambda: ours.generate(input_ids, new_tokens, temperature=0, eos_token_id=None, compile=True))
+        methods["ours_compiled"] = ours_greedy(compiled=True)
     return methods
 
 

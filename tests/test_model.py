@@ -236,7 +236,7 @@ def test_gradients_match_hf(trained):
 def test_linear_cross_entropy_gives_only_the_gradients_asked_for(h_grad, weight_grad):
     """Against autograd through F.cross_entropy of the full logits, whichever inputs require
     gradients (a frozen output layer, or a frozen body below an untied one); and the same loss under
-    no_grad, where it takes no gradients."""
+    no_grad."""
     from model import LinearCrossEntropy
     g = torch.Generator().manual_seed(14)
     h, weight = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)

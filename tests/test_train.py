@@ -241,7 +241,6 @@ def test_token_cache_trains_exactly_like_streaming(pretrained, tmp_path):
     assert [r.get("loss") for r in read_metrics(out)] == [r.get("loss") for r in read_metrics(pretrained)]
 
 
-
 def test_compiled_training_matches_eager(pretrained, tmp_path):
     """--compile (torch.compile of the model, forward and backward) trains the same run as eager: the
     same losses and validation to float tolerance, and a model directory that loads as usual."""
@@ -260,6 +259,7 @@ def test_compiled_training_matches_eager(pretrained, tmp_path):
     reloaded, trained = Transformer.from_pretrained(out), Transformer.from_pretrained(pretrained)
     for (name, a), b in zip(reloaded.state_dict().items(), trained.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
 
 # --- end to end: SFT ----------------------------------------------------------------------------------
 
