@@ -77,17 +77,22 @@ class KVCache:
 
     Attention always reads the whole cache (a mask hides what is not written yet), and the write
     position is a tensor, not a Python int: every decoding step sees the same shapes, so one compiled
-    step serves every token without recompiling."""
+    step serves every token without recompiling.
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+    A layer's buffers are allocated at its first write, in the dtype of the keys and values attention
+    actually produced: bf16 under bf16 autocast although the weights are float32, float32 without."""
+
+    def __init__(self, config, batch_size, max_len, device):
+        self.shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k, self.v = [None] * config.n_layers, [None] * config.n_layers
         self.max_len = max_len
         self.length = torch.zeros((), dtype=torch.long, device=device)  # positions already filled
 
     def update(self, layer, positions, k, v):
         """Store k, v (batch, kv_heads, seq, head_dim) at positions (seq,); return the whole cache."""
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
@@ -276,7 +281,7 @@ class Transformer(nn.Module):
         assert prompt_len < total, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
         tokens = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
         tokens[:, :prompt_len] = input_ids
-        cache = KVCache(self.config, batch, total, input_ids.device, self.tok_embeddings.weight.dtype)
+        cache = KVCache(self.config, batch, total, input_ids.device)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         decode_step = self.compiled_decode_step() if compile else self
         next_input = input_ids

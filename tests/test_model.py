@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from model import ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer
 
 # One thread: on a small shared CPU, two threads of tiny matmuls mostly wait for each other.
 ATOL = 1e-4
@@ -298,12 +298,11 @@ def test_kv_cache_logits_equal_the_full_forward(trained):
     logits are the full forward's (random tokens, so that they depend on the context and on the
     positions, not only on the last token). The cache is longer than what gets written: attention
     must not see its unwritten end, nor a chunk's later tokens."""
-    from model import KVCache
     model, _, _ = trained
     ids = random_ids(model.config.vocab_size, 2, 40, seed=29)
     with torch.no_grad():
         full = model(ids).logits
-        cache = KVCache(model.config, 2, 48, ids.device, torch.float32)
+        cache = KVCache(model.config, 2, 48, ids.device)
         for start, end in [(0, 10), (10, 16)] + [(pos, pos + 1) for pos in range(16, 40)]:
             logits = model(ids[:, start:end], cache=cache).logits
             torch.testing.assert_close(logits[:, -1], full[:, end - 1], atol=ATOL, rtol=0)
@@ -322,6 +321,25 @@ def test_compiled_generate_equals_eager(trained):
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = model.generate(ids, 20, temperature=0, eos_token_id=eos, compile=True)
     assert torch.equal(again, model.generate(ids, 20, temperature=0, eos_token_id=eos))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_generate_under_autocast_equals_the_converted_model(trained, dtype):
+    """Under autocast (as bench.py and a GPU run generate) attention yields half-precision keys and values
+    from float32 weights; the cache must take them (it was made in the weights' dtype and index_copy_
+    refused). Eager and compiled give the tokens of the model converted to that dtype, and of float32."""
+    model, _, _ = trained
+    ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
+    converted = Transformer(model.config).eval()
+    converted.load_state_dict(model.state_dict())
+    expected = converted.to(dtype).generate(ids, 20, temperature=0)
+    assert torch.equal(expected, model.generate(ids, 20, temperature=0))  # the chain holds in both
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(model.generate(ids, 20, temperature=0), expected)
+        assert torch.equal(model.generate(ids, 20, temperature=0, compile=True), expected)
+        cache = KVCache(model.config, 2, 8, ids.device)
+        model(ids, cache=cache)
+    assert cache.k[0].dtype == cache.v[0].dtype == dtype
 
 
 def test_generate_stops_at_max_seq_len(trained):
