@@ -38,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from functools import partial
 
 import torch
@@ -46,7 +47,7 @@ from torch import nn
 
 from dataset import PretrainDataset, collate, open_binary, parse_text, read_jsonl
 from model import ModelConfig, Transformer
-from train_model import make_optimizer, measure_matmul_flops
+from train_model import make_optimizer, measure_matmul_flops, synchronize
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -72,11 +73,6 @@ GOALS = {  # minimum ratio of ours to the peer's
 
 
 # --- timing ----------------------------------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def clock_for(device):
     """The clock of a timed call. On one CPU thread, the CPU time of this process: it counts what the
@@ -107,10 +103,10 @@ def race(contenders, device, rounds, budget_s, warmup=1):
         if r >= min_rounds and elapsed * (r + 1) / r > budget_s:
             break
         for name in (names if r % 2 == 0 else names[::-1]):
-            sync(device)
+            synchronize(device)
             call_start = clock()
             out = contenders[name]()
-            sync(device)
+            synchronize(device)
             seconds[name].append(clock() - call_start)
             first.setdefault(name, out)
     return seconds, first
@@ -337,7 +333,7 @@ def bench_train(args, sizes, tokenizer, device, log):
         start = time.perf_counter()
         step()
         step()
-        sync(device)
+        synchronize(device)
         compile_seconds = time.perf_counter() - start
         contenders["ours_compiled"] = step
     contenders["matmuls_only"] = train_matmuls(ours, tokens)
@@ -348,7 +344,7 @@ def bench_train(args, sizes, tokenizer, device, log):
     def matmul_peak():
         clock = clock_for(device)
         clock_start, wall_start = clock(), time.perf_counter()
-        flops = measure_matmul_flops(device, dtype, size=8192 if device.type == "cuda" else 1024, seconds=0.4)
+        flops = measure_matmul_flops(device, dtype, seconds=0.4)  # as train_model.py measures it
         # It divides by wall time; rescale to the bench's clock (a no-op when that is wall time). Its
         # set-up counts in the wall time too, so the peak comes out a few percent high, MFU low.
         peaks.append(flops * (time.perf_counter() - wall_start) / (clock() - clock_start))
@@ -366,7 +362,7 @@ def bench_train(args, sizes, tokenizer, device, log):
         "ratio_eager": speedup(seconds["ours"], seconds["hf"]),
         "ceiling_vs_hf": speedup(seconds["matmuls_only"], seconds["hf"]),
         "rounds": len(seconds["ours"]), "flops_per_token": ours.flops_per_token(seq),
-        "peak_flops": max(peaks),
+        "peak_flops": max(peaks), "peak_dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
         "seconds": seconds,
     }
     if args.compile:
@@ -437,7 +433,8 @@ def bench_generation(args, sizes, tokenizer, device, log):
 
 
 def bench_data(args, sizes, tokenizer, train_tokens_per_s, log):
-    """Section 4: JSONL to token ids through PretrainDataset, all blocks of the file."""
+    """Section 4: JSONL to token ids through PretrainDataset, all blocks of the file, against
+    train_tokens_per_s (None when section 1 failed: no ratio then)."""
     with open_binary(args.data_path) as f:
         size = sum(len(line) for line in f)  # uncompressed bytes
     log(f"tokenizing {size / 1e6:.1f} MB through PretrainDataset")
@@ -448,13 +445,15 @@ def bench_data(args, sizes, tokenizer, train_tokens_per_s, log):
     tokens_per_s = blocks * sizes["pack_len"] / seconds
     return {"bytes": size, "seconds": seconds, "blocks": blocks, "mb_per_s": size / 1e6 / seconds,
             "tokens_per_s": tokens_per_s, "train_tokens_per_s": train_tokens_per_s,
-            "ratio": tokens_per_s / train_tokens_per_s}
+            "ratio": None if train_tokens_per_s is None else tokens_per_s / train_tokens_per_s}
 
 
 def mfu(train):
     """Section 5: achieved FLOP/s (flops_per_token x tokens/s) over the measured matmul peak."""
-    return {name: train["flops_per_token"] * tps / train["peak_flops"]
-            for name, tps in train["tokens_per_s"].items()}
+    return {"flops_per_token": train["flops_per_token"], "peak_flops": train["peak_flops"],
+            "peak_dtype": train["peak_dtype"],
+            "mfu": {name: train["flops_per_token"] * tps / train["peak_flops"]
+                    for name, tps in train["tokens_per_s"].items()}}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -472,46 +471,93 @@ def machine(device):
     return info
 
 
-def rows(results):
-    """The table: (section, figure, unit, ours, peer, ratio, goal) per line; goal None: informative."""
-    t, u, g, d = (results[k] for k in ("train", "useful_tokens", "generation", "data_prep"))
+def row(section, figure, unit, ours, peer, ratio, goal=None):
+    return dict(section=section, figure=figure, unit=unit, ours=ours, peer=peer, ratio=ratio, goal=goal,
+                result=None if goal is None or ratio is None else ratio >= goal)
+
+
+def train_rows(t):
     tps = t["tokens_per_s"]
-    out = [("1 train step", "eager vs HF eager", "tok/s", tps["ours"], tps["hf"], t["ratio_eager"],
-            GOALS["train_eager"])]
+    out = [row("1 train step", "eager vs HF eager", "tok/s", tps["ours"], tps["hf"], t["ratio_eager"],
+               GOALS["train_eager"])]
     if "ours_compiled" in tps:
-        out.append(("1 train step", "compiled vs HF eager", "tok/s", tps["ours_compiled"], tps["hf"],
-                    t["ratio_compiled"], GOALS["train_compiled"]))
-    out += [
-        ("1 train step", "ceiling: matmuls alone vs HF", "tok/s", t["matmuls_only_tokens_per_s"], tps["hf"],
-         t["ceiling_vs_hf"], None),
-        ("2 useful tokens", "packed vs padded", "tok/s", u["useful_tokens_per_s"]["packed"],
-         u["useful_tokens_per_s"]["padded"], u["ratio"], GOALS["useful_tokens"]),
-        ("2 useful tokens", "per batch", "tok", u["useful_per_batch"]["packed"],
-         u["useful_per_batch"]["padded"], u["useful_per_batch"]["packed"] / u["useful_per_batch"]["padded"],
-         None),
-        ("3 generation", "KV cache vs HF generate", "tok/s", g["tokens_per_s"]["ours"],
-         g["tokens_per_s"]["hf"], g["ratio_vs_hf"], None),
-    ]
-    if "ours_compiled" in g["tokens_per_s"]:
-        out.append(("3 generation", "compiled vs HF generate", "tok/s", g["tokens_per_s"]["ours_compiled"],
-                    g["tokens_per_s"]["hf"], g["ratio_compiled_vs_hf"], GOALS["gen_vs_hf"]))
-    out += [
-        ("3 generation", "KV cache vs recompute", "tok/s", g["tokens_per_s"]["ours"],
-         g["tokens_per_s"]["recompute"], g["ratio_vs_recompute"], GOALS["gen_vs_recompute"]),
-        ("3 generation", "ceiling: matmuls alone vs HF", "tok/s", g["tokens_per_s"]["matmuls_only"],
-         g["tokens_per_s"]["hf"], g["ceiling_vs_hf"], None),
-        ("4 data prep", "tokenize vs train (ours)", "tok/s", d["tokens_per_s"], d["train_tokens_per_s"],
-         d["ratio"], GOALS["data_vs_train"]),
-        ("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None, None),
-    ]
-    m = results["mfu"]
-    out.append(("5 MFU", "eager vs HF eager", "%", 100 * m["ours"], 100 * m["hf"], m["ours"] / m["hf"], None))
+        out.append(row("1 train step", "compiled vs HF eager", "tok/s", tps["ours_compiled"], tps["hf"],
+                       t["ratio_compiled"], GOALS["train_compiled"]))
+    out.append(row("1 train step", "ceiling: matmuls alone vs HF", "tok/s", t["matmuls_only_tokens_per_s"],
+                   tps["hf"], t["ceiling_vs_hf"]))
+    return out
+
+
+def train_notes(t):
+    return [f"1: batch {t['batch_size']} x {t['seq_len']} tokens, forward with labels + backward + AdamW, "
+            f"{plural(t['rounds'], 'round')}; "
+            f"same loss at start: {t['same_loss']} ({t['loss_ours']:.5f} vs {t['loss_hf']:.5f})"
+            + (f"; compiling took {t['compile_seconds']:.0f} s" if "compile_seconds" in t else ""),
+            "ceiling: the model's weight matmuls alone, in the step's order (forward and both gradients, "
+            "attention left out): no implementation beats HF by more than this ratio"]
+
+
+def mfu_rows(m):
+    m = m["mfu"]
+    out = [row("5 MFU", "eager vs HF eager", "%", 100 * m["ours"], 100 * m["hf"], m["ours"] / m["hf"])]
     if "ours_compiled" in m:
-        out.append(("5 MFU", "compiled vs HF eager", "%", 100 * m["ours_compiled"], 100 * m["hf"],
-                    m["ours_compiled"] / m["hf"], None))
-    return [dict(section=s, figure=f, unit=unit, ours=o, peer=p, ratio=r, goal=goal,
-                 result=None if goal is None else r >= goal)
-            for s, f, unit, o, p, r, goal in out]
+        out.append(row("5 MFU", "compiled vs HF eager", "%", 100 * m["ours_compiled"], 100 * m["hf"],
+                       m["ours_compiled"] / m["hf"]))
+    return out
+
+
+def mfu_notes(m):
+    return [f"5: FLOPs/token = 6 x matmul weights + 6 x n_layers x dim x seq (causal attention counted once) "
+            f"= {m['flops_per_token'] / 1e6:.1f} MFLOP; peak = measured {m['peak_dtype']} matmul "
+            f"{m['peak_flops'] / 1e9:,.1f} GFLOP/s (train_model.measure_matmul_flops, as training logs MFU)"]
+
+
+def useful_rows(u):
+    per_batch = u["useful_per_batch"]
+    return [row("2 useful tokens", "packed vs padded", "tok/s", u["useful_tokens_per_s"]["packed"],
+                u["useful_tokens_per_s"]["padded"], u["ratio"], GOALS["useful_tokens"]),
+            row("2 useful tokens", "per batch", "tok", per_batch["packed"], per_batch["padded"],
+                per_batch["packed"] / per_batch["padded"])]
+
+
+def useful_notes(u):
+    return [f"2: batch {u['batch_size']} x {u['max_len']}, {plural(u['rounds'], 'round')}; useful = "
+            f"labels[:, 1:] != -100; step {u['step_seconds']['packed']:.3f} s packed, "
+            f"{u['step_seconds']['padded']:.3f} s padded"]
+
+
+def generation_rows(g):
+    tps = g["tokens_per_s"]
+    out = [row("3 generation", "KV cache vs HF generate", "tok/s", tps["ours"], tps["hf"], g["ratio_vs_hf"])]
+    if "ours_compiled" in tps:
+        out.append(row("3 generation", "compiled vs HF generate", "tok/s", tps["ours_compiled"], tps["hf"],
+                       g["ratio_compiled_vs_hf"], GOALS["gen_vs_hf"]))
+    return out + [
+        row("3 generation", "KV cache vs recompute", "tok/s", tps["ours"], tps["recompute"],
+            g["ratio_vs_recompute"], GOALS["gen_vs_recompute"]),
+        row("3 generation", "ceiling: matmuls alone vs HF", "tok/s", tps["matmuls_only"], tps["hf"],
+            g["ceiling_vs_hf"]),
+    ]
+
+
+def generation_notes(g):
+    return [f"3: {g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, greedy, batch 1, "
+            f"{plural(g['rounds'], 'round')}; eager's tokens the same "
+            + ", ".join(f"as {name}: {same}" for name, same in g["identical"].items())
+            + f" ({g['new_distinct_tokens']} distinct new tokens)"
+            + (f"; compiling took {g['compile_seconds']:.0f} s" if "compile_seconds" in g else ""),
+            "ceiling: the model's weight matmuls alone, one row per new token"]
+
+
+def data_rows(d):
+    return [row("4 data prep", "tokenize vs train (ours)", "tok/s", d["tokens_per_s"], d["train_tokens_per_s"],
+                d["ratio"], GOALS["data_vs_train"]),
+            row("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None)]
+
+
+def data_notes(d):
+    return [f"4: {d['bytes'] / 1e6:.2f} MB of JSONL -> {d['blocks']} blocks in {d['seconds']:.2f} s "
+            f"(wall time, one pass); peer: our eager training tokens/s of section 1"]
 
 
 def plural(n, word):
@@ -524,9 +570,24 @@ def fmt(value):
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def print_table(results):
-    mach, t, g, u, d = (results[k] for k in ("machine", "train", "generation", "useful_tokens", "data_prep"))
-    c = results["config"]
+# (name, width, alignment) of the table's columns: fixed, since rows are printed as they are measured.
+COLUMNS = (("section", 16, "<"), ("figure", 29, "<"), ("unit", 5, "<"), ("ours", 11, ">"), ("peer", 11, ">"),
+           ("ratio", 7, ">"), ("goal", 6, ">"), ("result", 6, ">"))
+
+
+def table_line(cells):
+    return "  ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, COLUMNS)).rstrip()
+
+
+def format_row(r):
+    return table_line((r["section"], r["figure"], r["unit"], fmt(r["ours"]), fmt(r["peer"]),
+                       "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                       "-" if r["goal"] is None else f">={r['goal']:g}x",
+                       "info" if r["result"] is None else ("PASS" if r["result"] else "FAIL")))
+
+
+def print_header(results):
+    mach, c = results["machine"], results["config"]
     threads = plural(mach["torch_threads"], "torch thread")
     print(f"Tiny-LLM bench: {mach['cpu']}, {mach['cores']} cores ({threads}), "
           f"torch {mach['torch']}, transformers {mach['transformers']}, device {mach['device']}"
@@ -534,38 +595,17 @@ def print_table(results):
           + ("" if mach["load_average"] is None else f", load average {mach['load_average']:.2f} at start"))
     print(f"model {results['settings']['config']}: dim {c['dim']}, {c['n_layers']} layers, "
           f"{c['n_heads']} heads, {c['n_kv_heads']} kv heads, vocab {c['vocab_size']}, "
-          f"{t['params'] / 1e6:.2f}M parameters; {t['dtype']}; peer: transformers LlamaForCausalLM (sdpa) on the same weights")
-    header = ("section", "figure", "unit", "ours", "peer", "ratio", "goal", "result")
-    table = [header] + [(r["section"], r["figure"], r["unit"], fmt(r["ours"]), fmt(r["peer"]),
-                         "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-                         "-" if r["goal"] is None else f">={r['goal']:g}x",
-                         "info" if r["result"] is None else ("PASS" if r["result"] else "FAIL"))
-                        for r in results["rows"]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:  # text columns left-aligned, numbers right-aligned
-        print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths))))
-    print(f"1: batch {t['batch_size']} x {t['seq_len']} tokens, forward with labels + backward + AdamW, "
-          f"{plural(t['rounds'], 'round')}; "
-          f"same loss at start: {t['same_loss']} ({t['loss_ours']:.5f} vs {t['loss_hf']:.5f})"
-          + (f"; compiling took {t['compile_seconds']:.0f} s" if "compile_seconds" in t else ""))
-    print(f"2: batch {u['batch_size']} x {u['max_len']}, {plural(u['rounds'], 'round')}; useful = labels[:, 1:] != -100; "
-          f"step {u['step_seconds']['packed']:.3f} s packed, {u['step_seconds']['padded']:.3f} s padded")
-    print(f"3: {g['new_tokens']} new tokens after a {g['prompt_len']}-token prompt, greedy, batch 1, "
-          f"{plural(g['rounds'], 'round')}; eager's tokens the same "
-          + ", ".join(f"as {name}: {same}" for name, same in g["identical"].items())
-          + f" ({g['new_distinct_tokens']} distinct new tokens)"
-          + (f"; compiling took {g['compile_seconds']:.0f} s" if "compile_seconds" in g else ""))
-    print(f"4: {d['bytes'] / 1e6:.2f} MB of JSONL -> {d['blocks']} blocks in {d['seconds']:.2f} s "
-          f"(wall time, one pass); peer: our eager training tokens/s of section 1")
-    print(f"5: FLOPs/token = 6 x matmul weights + 6 x n_layers x dim x seq (causal attention counted once) = "
-          f"{t['flops_per_token'] / 1e6:.1f} MFLOP; peak = measured "
-          f"{'bf16' if 'bfloat16' in t['dtype'] else 'fp32'} matmul {t['peak_flops'] / 1e9:,.1f} GFLOP/s")
-    print("ceiling: the model's weight matmuls alone, in the step's order (1: forward and both gradients, "
-          "attention left out; 3: one row per token): no implementation beats HF by more than this ratio")
+          f"{c['params'] / 1e6:.2f}M parameters; {c['dtype']}; peer: transformers LlamaForCausalLM (sdpa) "
+          "on the same weights")
+    print(table_line([name for name, _, _ in COLUMNS]), flush=True)
+
+
+def print_footer(results):
     print("every figure: the fastest of alternating rounds (load only adds time); ratio = ours / peer")
     if results["settings"]["quick"]:
         print("--quick: smoke-test sizes, too small for the goals to mean anything; run without it")
+    for key, error in results["errors"].items():
+        print(f"section {key} FAILED: {error}")
 
 
 def parse_args(argv=None):
@@ -611,26 +651,59 @@ def main(argv=None):
     def log(message):
         print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
+    config = model_config(args.config, len(tokenizer), CONFIGS[args.config]["train_seq_len"])
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        params = Transformer(config).num_params()
     results = {"machine": machine(device), "settings": {**vars(args), **sizes},
-               "config": {k: v for k, v in CONFIGS[args.config].items()} | {"vocab_size": len(tokenizer)}}
-    log("1/5 train step")
-    results["train"] = bench_train(args, sizes, tokenizer, device, log)
-    log("4/5 data preparation (right after section 1, whose training tokens/s it is compared with)")
-    results["data_prep"] = bench_data(args, sizes, tokenizer, results["train"]["tokens_per_s"]["ours"], log)
-    log("2/5 useful tokens")
-    results["useful_tokens"] = bench_useful_tokens(args, sizes, tokenizer, device, log)
-    log("3/5 generation")
-    results["generation"] = bench_generation(args, sizes, tokenizer, device, log)
-    results["mfu"] = mfu(results["train"])
-    results["rows"] = rows(results)
+               "config": {**CONFIGS[args.config], "vocab_size": len(tokenizer), "params": params,
+                          "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32"},
+               "rows": [], "errors": {}}
+    if not args.json:
+        print_header(results)
+
+    def train_tokens_per_s():
+        return results["train"]["tokens_per_s"]["ours"] if "train" in results else None
+
+    def mfu_of_train():
+        if "train" not in results:
+            raise RuntimeError("needs the measurements of section 1, which failed")
+        return mfu(results["train"])
+
+    # (key, title, measure, rows, notes). Data preparation comes right after the train step, whose
+    # tokens/s it is compared with.
+    sections = [
+        ("train", "1/5 train step", lambda: bench_train(args, sizes, tokenizer, device, log),
+         train_rows, train_notes),
+        ("mfu", "5/5 MFU", mfu_of_train, mfu_rows, mfu_notes),
+        ("data_prep", "4/5 data preparation",
+         lambda: bench_data(args, sizes, tokenizer, train_tokens_per_s(), log), data_rows, data_notes),
+        ("useful_tokens", "2/5 useful tokens", lambda: bench_useful_tokens(args, sizes, tokenizer, device, log),
+         useful_rows, useful_notes),
+        ("generation", "3/5 generation", lambda: bench_generation(args, sizes, tokenizer, device, log),
+         generation_rows, generation_notes),
+    ]
+    for key, title, measure, to_rows, notes in sections:
+        log(title)
+        try:
+            results[key] = measure()
+        except Exception as e:  # noqa: BLE001 -- one failing section must not cost the others' figures
+            traceback.print_exc()
+            results["errors"][key] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if not args.json:
+                print(f"{title}: FAILED: {results['errors'][key]}", flush=True)
+            continue
+        new_rows = to_rows(results[key])
+        results["rows"] += new_rows
+        if not args.json:  # printed as soon as measured: a run cut short keeps what it measured
+            print("\n".join([format_row(r) for r in new_rows] + notes(results[key])), flush=True)
     results["seconds"] = time.perf_counter() - started
     log("done")
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print_table(results)
+        print_footer(results)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)

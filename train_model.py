@@ -123,7 +123,9 @@ def resolve_device_and_dtype(args):
                   file=sys.stderr)
         dtype = "float32"
     elif dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # Native bf16 only (Ampere and later). By default torch also counts bf16 that pre-Ampere GPUs
+        # (T4, V100) emulate, slowly; there float16 with loss scaling is the fast choice.
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return device, getattr(torch, dtype)
 
 
@@ -382,18 +384,32 @@ def evaluate(model, loader, args, device, autocast, world_size):
     return loss_sum / tokens if tokens else None
 
 
-def measure_matmul_flops(device, dtype, size=1024, seconds=0.5):
-    """This device's achieved matmul FLOP/s, the denominator of MFU."""
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_flops(device, dtype, seconds=0.5):
+    """This device's achieved matmul FLOP/s, the denominator of MFU (bench.py measures it the same way).
+
+    A GPU needs large matmuls to reach its peak (a 1024^3 one takes microseconds on an H200, less than
+    launching and waiting for it), and queues them asynchronously: the matmuls run in batches that
+    double in size, with one synchronize per batch, so the wait for the GPU is a small part of the time."""
+    size = 8192 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+    a @ b  # warm-up: kernel selection, allocations
+    synchronize(device)
+    runs, batch, start = 0, 1, time.perf_counter()
+    while True:
+        for _ in range(batch):
+            a @ b
+        synchronize(device)
+        runs += batch
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size ** 3 * runs / elapsed
+        batch *= 2
 
 
 def train(args):

@@ -1,5 +1,6 @@
 """bench.py: the counting, the FLOP formula, the generation methods and a quick smoke run; no timing."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import bench
 from conftest import TOKENIZER_DIR, tiny_config
 from model import Transformer
+from train_model import measure_matmul_flops
 
 
 def test_count_useful_tokens_skips_the_first_position_and_minus_100():
@@ -62,7 +64,8 @@ def test_flops_per_token_by_hand(tokenizer):
     assert Transformer(config).flops_per_token(seq) == expected
     # MFU: flops_per_token x tokens/s over the peak.
     train = {"flops_per_token": expected, "peak_flops": 1e9, "tokens_per_s": {"ours": 1000.0, "hf": 500.0}}
-    assert bench.mfu(train) == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
+    train["peak_dtype"] = "fp32"
+    assert bench.mfu(train)["mfu"] == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
 
 
 def test_the_generation_methods_give_the_same_tokens(tokenizer):
@@ -91,10 +94,19 @@ def test_race_alternates_and_keeps_the_first_outputs():
     assert {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3} and first == {"a": 3, "b": 4}
 
 
-def test_quick_json_run_reports_every_section(pretrain_file, capsys):
+def test_quick_json_run_reports_every_section(pretrain_file, capsys, monkeypatch):
+    peak_calls = []
+
+    def spy(*args, **kwargs):
+        peak_calls.append(kwargs)
+        return measure_matmul_flops(*args, **kwargs)
+    monkeypatch.setattr(bench, "measure_matmul_flops", spy)
     results = bench.main(["--quick", "--json", "--config", "tiny", "--data_path", pretrain_file,
                           "--tokenizer_path", TOKENIZER_DIR])
+    # MFU's peak is measured by training's own method: its matmul size and timing, not the bench's.
+    assert peak_calls and all("size" not in kwargs for kwargs in peak_calls)
     printed = json.loads(capsys.readouterr().out)
+    assert printed["errors"] == {}
     assert printed["rows"] == json.loads(json.dumps(results["rows"]))
     for key in ("machine", "config", "train", "useful_tokens", "generation", "data_prep", "mfu"):
         assert key in printed, key
@@ -126,3 +138,50 @@ def test_matmul_floors_do_the_models_weight_matmuls_and_nothing_else(tokenizer):
         with FlopCounterMode(display=False) as counter:
             run()
         assert counter.get_total_flops() == expected
+
+
+def test_each_section_prints_as_it_is_measured_and_a_failure_spares_the_others(pretrain_file, capsys,
+                                                                              monkeypatch):
+    """A GPU run must leave numbers behind: rows go out as each section ends, and a section that raises
+    prints its error while the sections after it still run."""
+    printed_before = {}
+    real_useful = bench.bench_useful_tokens
+
+    def failing_generation(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    def useful_tokens(*args, **kwargs):
+        printed_before["useful_tokens"] = capsys.readouterr().out
+        return real_useful(*args, **kwargs)
+    monkeypatch.setattr(bench, "bench_generation", failing_generation)
+    monkeypatch.setattr(bench, "bench_useful_tokens", useful_tokens)
+    results = bench.main(["--quick", "--config", "tiny", "--data_path", pretrain_file,
+                          "--tokenizer_path", TOKENIZER_DIR])
+    earlier = printed_before["useful_tokens"]
+    assert "1 train step" in earlier and "5 MFU" in earlier and "4 data prep" in earlier
+    assert "2 useful tokens" not in earlier
+    later = capsys.readouterr().out
+    assert "2 useful tokens" in later
+    assert "3/5 generation: FAILED: RuntimeError: no kernel image is available" in later
+    assert results["errors"] == {"generation": "RuntimeError: no kernel image is available"}
+    assert {r["section"][0] for r in results["rows"]} == {"1", "2", "4", "5"}
+
+
+def test_matmul_peak_waits_for_the_device_once_per_doubling_batch(monkeypatch):
+    """On a GPU a synchronize after every matmul would time the launch and the wait, not the matmul
+    (an H200 does a 1024^3 matmul in microseconds): the matmuls are queued in batches that double."""
+    import train_model
+    syncs = []
+    monkeypatch.setattr(train_model, "synchronize", lambda device: syncs.append(device))
+
+    class CountMatmuls(torch.overrides.TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            CountMatmuls.calls += func in (torch.Tensor.matmul, torch.Tensor.__matmul__, torch.matmul)
+            return func(*args, **(kwargs or {}))
+    with CountMatmuls():
+        flops = train_model.measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=0.3)
+    runs = CountMatmuls.calls - 1  # the warm-up
+    assert flops > 0 and runs >= 2
+    assert len(syncs) == 1 + math.ceil(math.log2(runs + 1))  # after the warm-up, then once per batch
