@@ -1,6 +1,8 @@
-"""CUDA-only checks (skipped on CPU): bf16 autocast training, fused AdamW, generation on the GPU.
+"""CUDA-only checks (skipped on CPU): bf16 and fp16 + GradScaler training, fused AdamW, --dtype auto on
+the real GPU, generation on the GPU. (test_model.py generates under CUDA autocast too.)
 
-Run on a GPU machine by bench_gpu.sh; CI has no GPU, so these are skipped there.
+Run on a GPU machine by bench_gpu.sh; CI has no GPU, so these are skipped there. The same mixed-precision
+code paths run on CPU in CI through CPU autocast: test_mixed_precision.py.
 """
 import pytest
 import torch
@@ -31,10 +33,20 @@ def test_greedy_generation_on_gpu_equals_cpu(tokenizer):
     assert torch.equal(on_cpu, on_gpu)
 
 
-def test_training_on_cuda_in_bf16_writes_a_model(tmp_path, pretrain_file, capfd):
+def test_dtype_auto_is_native_bf16_from_ampere_on(tmp_path):
+    from train_model import parse_args, resolve_device_and_dtype
+    _, dtype = resolve_device_and_dtype(parse_args(["--device", "cuda", "--dtype", "auto"]))
+    assert dtype == (torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_training_on_cuda_in_half_precision_writes_a_model(tmp_path, pretrain_file, capfd, dtype):
     args = [a if a != "cpu" else "cuda" for a in TINY_MODEL_ARGS]
     code = run_main(["--data_path", pretrain_file, "--out_dir", tmp_path / "out", *args, "--max_steps", "4",
-                     "--batch_size", "4", "--log_interval", "2", "--eval_batches", "1", "--save_interval", "0"])
+                     "--batch_size", "4", "--log_interval", "2", "--eval_batches", "1", "--save_interval", "2",
+                     "--dtype", dtype])
     assert code is None, code
-    assert "bfloat16" in capfd.readouterr().out
+    assert dtype in capfd.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "training_state.pt", weights_only=False)
+    assert bool(state["scaler"]) == (dtype == "float16")  # GradScaler for float16 only

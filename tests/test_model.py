@@ -323,18 +323,23 @@ def test_compiled_generate_equals_eager(trained):
     assert torch.equal(again, model.generate(ids, 20, temperature=0, eos_token_id=eos))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_generate_under_autocast_equals_the_converted_model(trained, dtype):
+def test_generate_under_autocast_equals_the_converted_model(trained, dtype, device):
     """Under autocast (as bench.py and a GPU run generate) attention yields half-precision keys and values
     from float32 weights; the cache must take them (it was made in the weights' dtype and index_copy_
     refused). Eager and compiled give the tokens of the model converted to that dtype, and of float32."""
-    model, _, _ = trained
-    ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
+    trained_model, _, _ = trained
+    model = Transformer(trained_model.config).eval()
+    model.load_state_dict(trained_model.state_dict())
+    model = model.to(device)
+    ids = chain_prompts(model.config.vocab_size, [0, 10], 6).to(device)
     converted = Transformer(model.config).eval()
     converted.load_state_dict(model.state_dict())
-    expected = converted.to(dtype).generate(ids, 20, temperature=0)
+    expected = converted.to(device, dtype).generate(ids, 20, temperature=0)
     assert torch.equal(expected, model.generate(ids, 20, temperature=0))  # the chain holds in both
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         assert torch.equal(model.generate(ids, 20, temperature=0), expected)
         assert torch.equal(model.generate(ids, 20, temperature=0, compile=True), expected)
         cache = KVCache(model.config, 2, 8, ids.device)

@@ -1,0 +1,126 @@
+"""The mixed-precision paths of a GPU run, run on CPU: bf16 autocast, fp16 autocast with GradScaler,
+exact resume under both, and --dtype auto's choice on simulated GPUs. (FSDP2 with bf16 parameters is in
+test_distributed.py; generation under autocast in test_model.py.)
+
+CPU autocast executes the same code as CUDA's (the loss in float32, the scaler's unscale and inf checks,
+its state in checkpoints); only the kernels differ. No GPU checks these in CI, so these tests do.
+"""
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_model
+from conftest import TINY_MODEL_ARGS, run_main
+from forced_dtype import force
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Every step logged and a learning rate at which each update shows in the losses.
+ARGS = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
+        "--eval_batches", "2", "--learning_rate", "1e-2", "--warmup_iters", "2", "--max_steps", "4",
+        "--save_interval", "2"]
+
+
+def metrics(out):
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def val_loss(out):
+    return [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory):
+    from conftest import shipped_lines, write_jsonl
+    base = tmp_path_factory.mktemp("float32")
+    data = write_jsonl(base / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 400))
+    out = str(base / "out")
+    assert run_main(["--data_path", data, "--out_dir", out, *ARGS]) is None
+    return data, out
+
+
+def train_in(dtype, data, out, monkeypatch, *extra):
+    monkeypatch.setattr(train_model, "resolve_device_and_dtype", force(dtype))
+    autocasts = []
+    real_autocast = torch.autocast
+
+    def spy(*args, **kwargs):
+        autocasts.append(kwargs.get("dtype"))
+        return real_autocast(*args, **kwargs)
+    monkeypatch.setattr(torch, "autocast", spy)
+    assert run_main(["--data_path", data, "--out_dir", out, *ARGS, *extra]) is None
+    assert autocasts == [dtype], f"training ran autocast {autocasts}, not once in {dtype}"
+
+
+@pytest.mark.parametrize("name", list(HALF))
+def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkeypatch, capsys):
+    """4 steps in bf16 (fp16 + GradScaler) autocast: the losses and the validation loss of the float32 run
+    within bf16's (fp16's) rounding, and a float32 checkpoint with the scaler's state."""
+    data, reference = float32_run
+    out = str(tmp_path / name)
+    train_in(HALF[name], data, out, monkeypatch)
+    assert str(HALF[name]) in capsys.readouterr().out  # the start-up line names the dtype
+    expected, got = losses(reference), losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    # Measured: bf16 within 1.3e-3 of float32, fp16 within 2e-4 (8 and 11 bits of mantissa).
+    tolerance = 5e-3 if name == "bf16" else 1e-3
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=tolerance), (step, got, expected)
+    assert val_loss(out) == pytest.approx(val_loss(reference), abs=tolerance)
+    assert got != expected  # half precision did run: the losses are not bit-identical
+    assert all(w.dtype == torch.float32 for w in weights(out).values())
+    state = torch.load(os.path.join(out, "checkpoint-2", train_model.STATE_FILE), weights_only=False)
+    if name == "fp16":
+        assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    else:
+        assert not state["scaler"]  # bf16 needs no loss scaling
+
+
+@pytest.mark.parametrize("name", list(HALF))
+def test_resume_under_mixed_precision_equals_the_uninterrupted_run(name, float32_run, tmp_path, monkeypatch):
+    """Resume from checkpoint-2 redoes steps 3 and 4 exactly: with fp16 the GradScaler's scale and growth
+    tracker come back too (a scaler restarting at its initial scale skips different steps)."""
+    data, _ = float32_run
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train_in(HALF[name], data, full, monkeypatch)
+    shutil.copytree(full, resumed)
+    train_in(HALF[name], data, resumed, monkeypatch, "--resume", os.path.join(resumed, "checkpoint-2"))
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+    expected = weights(full)
+    for key, tensor in weights(resumed).items():
+        torch.testing.assert_close(tensor, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def simulate_gpu(monkeypatch, major, emulates_bf16):
+    """torch.cuda as it answers on a GPU of compute capability `major`.x (T4: 7, A100: 8, H100: 9)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=0))
+    # On a T4 a bf16 tensor can be made (emulated bf16): the check torch falls back to by default.
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulates_bf16)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("major,expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)],
+                         ids=["T4-V100", "A100", "H100-H200"])
+def test_dtype_auto_takes_native_bf16_else_float16(monkeypatch, major, expected):
+    simulate_gpu(monkeypatch, major, emulates_bf16=True)
+    args = train_model.parse_args(["--device", "cuda", "--dtype", "auto"])
+    assert train_model.resolve_device_and_dtype(args) == (torch.device("cuda"), expected)
+    assert train_model.make_grad_scaler(torch.device("cuda"), expected).is_enabled() == (expected == torch.float16)
+    # An explicit choice is kept, even where it is slow.
+    args = train_model.parse_args(["--device", "cuda", "--dtype", "bfloat16"])
+    assert train_model.resolve_device_and_dtype(args)[1] == torch.bfloat16
