@@ -47,7 +47,7 @@ from torch import nn
 
 from dataset import PretrainDataset, collate, open_binary, parse_text, read_jsonl
 from model import ModelConfig, Transformer
-from train_model import make_optimizer, measure_matmul_flops, synchronize
+from train_model import make_optimizers, measure_matmul_flops, synchronize
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -156,7 +156,8 @@ def autocast_for(device):
 
 def train_step_fn(model, input_ids, labels, device):
     """One full training step as train_model.py does it: forward with labels, backward, AdamW."""
-    optimizer = make_optimizer(model, argparse.Namespace(learning_rate=3e-4, weight_decay=0.1), device)
+    (optimizer,) = make_optimizers(
+        model, argparse.Namespace(optimizer="adamw", learning_rate=3e-4, weight_decay=0.1), device)
     model.train()
 
     def step():

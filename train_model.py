@@ -47,8 +47,19 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; sets the LR schedule's length")
     p.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch on each process")
     p.add_argument("--accumulation_steps", type=int, default=1)
-    p.add_argument("--learning_rate", type=float, default=3e-4, help="peak LR; cosine decays to a tenth")
+    p.add_argument("--learning_rate", type=float, default=3e-4, help="peak LR (AdamW's, and Muon's unless set)")
     p.add_argument("--warmup_iters", type=int, default=100)
+    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "wsd"],
+                   help="after warmup: cosine down to a tenth of the peak at the last step, or wsd "
+                        "(warmup-stable-decay): the peak until the last --decay_fraction of the steps, then "
+                        "a cool-down to zero; a wsd run resumed with a larger --max_steps cools down again")
+    p.add_argument("--decay_fraction", type=float, default=0.2, help="wsd: share of the steps that cool down")
+    p.add_argument("--decay_shape", default="1-sqrt", choices=["linear", "1-sqrt"],
+                   help="wsd: the cool-down's shape; 1-sqrt keeps the LR higher for longer")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="muon: torch.optim.Muon for the weight matrices of the blocks, AdamW for the rest")
+    p.add_argument("--muon_learning_rate", type=float, default=None,
+                   help="Muon's peak LR; default --learning_rate (Muon's update is scaled to AdamW's RMS)")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,11 +91,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def get_lr(step, learning_rate, warmup_iters, max_steps):
-    """Linear warmup to learning_rate over warmup_iters steps, then cosine down to a tenth of it."""
-    min_lr = learning_rate / 10
+def get_lr(step, learning_rate, warmup_iters, max_steps, schedule="cosine", decay_fraction=0.2,
+           decay_shape="1-sqrt"):
+    """Linear warmup to learning_rate over warmup_iters steps, then
+    cosine: down to a tenth of it at max_steps;
+    wsd: learning_rate until the last decay_fraction of max_steps, then down to zero at max_steps, linearly
+    or as 1 - sqrt(progress) (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
+    Training Durations"). The stable phase does not depend on max_steps, so a checkpoint taken in it can
+    be continued with a larger max_steps and cooled down later."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * max_steps))
+        progress = min(1.0, max(0.0, (step - (max_steps - decay_steps)) / decay_steps))
+        return learning_rate * (1 - (progress if decay_shape == "linear" else math.sqrt(progress)))
+    min_lr = learning_rate / 10
     progress = min(1.0, (step - warmup_iters) / max(1, max_steps - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -136,6 +157,11 @@ def check_arguments(args):
             raise Fatal(f"--{name} must be positive, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise Fatal(f"--max_steps must be positive, got {args.max_steps}")
+    if not 0 < args.decay_fraction <= 1:
+        raise Fatal(f"--decay_fraction must be in (0, 1], got {args.decay_fraction}")
+    if args.optimizer == "muon" and args.fsdp:
+        raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
+                    "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
     if not os.path.isfile(args.data_path):
         raise Fatal(f"data file {args.data_path} does not exist; pass --data_path")
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
@@ -177,13 +203,30 @@ def make_grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def make_optimizer(model, args, device):
-    """AdamW; weights of matmuls and embeddings decay, norms (1-D parameters) do not."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def make_optimizers(model, args, device):
+    """The optimizers of a step, as a list.
+
+    adamw: one AdamW; weights of matmuls and embeddings decay, norms (1-D parameters) do not.
+    muon: torch.optim.Muon for the 2-D weights inside the blocks (attention and MLP projections), AdamW for
+    the embedding (tied to the output head) and the norms, which Muon's orthogonalised update does not
+    suit. Muon's update is scaled to the RMS of AdamW's (adjust_lr_fn="match_rms_adamw", Moonshot's rule),
+    so --learning_rate serves both unless --muon_learning_rate is given."""
+    named = list(model.named_parameters())
+    to_muon = {name for name, p in named if args.optimizer == "muon" and p.dim() == 2 and "layers." in name}
+    decay = [p for name, p in named if name not in to_muon and p.dim() >= 2]
+    no_decay = [p for name, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
+    optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                    fused=device.type == "cuda")]
+    if to_muon:
+        optimizers.insert(0, torch.optim.Muon([p for name, p in named if name in to_muon],
+                                              lr=muon_learning_rate(args), weight_decay=args.weight_decay,
+                                              adjust_lr_fn="match_rms_adamw"))
+    return optimizers
+
+
+def muon_learning_rate(args):
+    return args.learning_rate if args.muon_learning_rate is None else args.muon_learning_rate
 
 
 def ignore_stop_signals(worker_id):
@@ -293,18 +336,19 @@ def remove_debris(out_dir):
                 shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-def full_state(model, optimizer):
-    """Unsharded model and optimizer state dicts, on CPU, whether the model is plain, DDP or FSDP."""
+def full_state(model, optimizers):
+    """Unsharded model and optimizer state dicts, on CPU, whether the model is plain, DDP or FSDP (one
+    optimizer state dict for all the optimizers, keyed by parameter names)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+            get_optimizer_state_dict(model, optimizers, options=options))
 
 
-def load_optimizer_state(model, optimizer, state):
+def load_optimizer_state(model, optimizers, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -440,10 +484,10 @@ def train(args):
     raw_model = model.to(device)
     flops_per_token = raw_model.flops_per_token(args.max_seq_len)
     model = wrap_model(raw_model, args, world_size, device, dtype)
-    optimizer = make_optimizer(model, args, device)
+    optimizers = make_optimizers(model, args, device)
     start_step, samples_seen, tokens_seen = 0, 0, 0
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
+        load_optimizer_state(model, optimizers, state["optimizer"])
         start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
     # `model` (plain, DDP or FSDP) owns the state dicts and gradient sync; `forward` may be compiled.
     forward = torch.compile(model) if args.compile else model
@@ -484,7 +528,7 @@ def train(args):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     def save_checkpoint(step):
-        model_state, optimizer_state = full_state(model, optimizer)
+        model_state, optimizer_state = full_state(model, optimizers)
         if is_main:
             path = os.path.join(args.out_dir, f"checkpoint-{step}")
 
@@ -519,9 +563,12 @@ def train(args):
         step_start = time.perf_counter()
         # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
         torch.manual_seed(args.seed + 1_000_003 * step + rank)
-        lr = get_lr(step, args.learning_rate, args.warmup_iters, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = get_lr(step, args.learning_rate, args.warmup_iters, max_steps, args.lr_schedule,
+                    args.decay_fraction, args.decay_shape)
+        for optimizer in optimizers:  # Muon's peak may differ from AdamW's; the schedule is the same
+            peak = muon_learning_rate(args) if isinstance(optimizer, torch.optim.Muon) else args.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr * peak / args.learning_rate
         micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
                          if b is not None]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -558,12 +605,14 @@ def train(args):
                     loss = forward(input_ids, labels=labels, num_items_in_batch=step_tokens / world_size).loss
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         step_loss = all_reduce_sum([loss_sum.item()], device, world_size)[0] / world_size
         finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(float(grad_norm)))
         if finite:
-            scaler.step(optimizer)  # with float16, GradScaler itself skips steps with inf gradients
+            for optimizer in optimizers:
+                scaler.step(optimizer)  # with float16, GradScaler itself skips steps with inf gradients
             scaler.update()
             bad_steps_in_row = 0
         else:
@@ -573,7 +622,8 @@ def train(args):
             if bad_steps_in_row >= args.max_bad_steps:
                 raise Fatal(f"{bad_steps_in_row} steps in a row had a non-finite loss or gradient; stopping. "
                             "Lower --learning_rate, check the data, or resume from the last checkpoint")
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         samples_seen += samples_per_step
         tokens_seen += int(step_tokens)
@@ -602,7 +652,7 @@ def train(args):
 
     if step > start_step and step % args.eval_interval != 0:
         val_loss = validate(step)
-    model_state, _ = full_state(model, optimizer) if world_size > 1 else (raw_model.state_dict(), None)
+    model_state, _ = full_state(model, optimizers) if world_size > 1 else (raw_model.state_dict(), None)
     if is_main:
         save_final_model(args.out_dir, raw_model, model_state, tokenizer)
     if world_size > 1:

@@ -313,6 +313,8 @@ UPFRONT = {
     "max_steps -5": (["--max_steps", "-5"], "--max_steps"),
     "device tpu": (["--device", "tpu"], "tpu"),
     "device cuda without GPU": (["--device", "cuda"], "cuda"),
+    "muon with fsdp": (["--optimizer", "muon", "--fsdp"], "--fsdp"),
+    "decay_fraction 0": (["--lr_schedule", "wsd", "--decay_fraction", "0"], "--decay_fraction"),
 }
 
 

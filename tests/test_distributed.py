@@ -57,6 +57,10 @@ RUNS = {
               TRAIN, None),
     "fsdp_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2",
                                "--fsdp"], TRAIN, None),
+    "muon_1": (1, "pretrain", ["--batch_size", "4", "--accumulation_steps", "2", "--optimizer", "muon"],
+               TRAIN, None),
+    "muon_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--optimizer", "muon"],
+               TRAIN, None),
     # FSDP2's bf16 parameters (MixedPrecisionPolicy) against DDP under bf16 autocast, as a GPU run trains.
     "ddp_bf16_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2"],
                    BF16, None),
@@ -76,7 +80,8 @@ SIGTERM_RANK = {"sigterm_2": 1}
 
 # The runs each test reads (by the test function's name), so that a -k selection launches only those.
 NEEDS = {
-    "test_ddp_matches_single_process": ["pre_1", "pre_2", "acc_1", "acc_2", "sftacc_1", "sftacc_2"],
+    "test_ddp_matches_single_process": ["pre_1", "pre_2", "acc_1", "acc_2", "sftacc_1", "sftacc_2", "muon_1",
+                                        "muon_2"],
     "test_gradient_sync_happens_only_in_the_last_backward_of_a_step": ["probe"],
     "test_synced_gradient_is_the_token_weighted_gradient_of_the_whole_step": ["probe"],
     "test_only_rank_0_writes": ["pre_1", "pre_2"],
@@ -276,8 +281,9 @@ def assert_same_weights(weights, expected, tol, what):
 
 # --- 1. DDP trains like one process with the whole batch ----------------------------------------------
 
-@pytest.mark.parametrize("single,ranks", [("pre_1", "pre_2"), ("acc_1", "acc_2"), ("sftacc_1", "sftacc_2")],
-                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation"])
+@pytest.mark.parametrize("single,ranks", [("pre_1", "pre_2"), ("acc_1", "acc_2"), ("sftacc_1", "sftacc_2"),
+                                          ("muon_1", "muon_2")],
+                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation", "muon-accumulation"])
 def test_ddp_matches_single_process(runs, single, ranks):
     """2 ranks x batch 2 (x accumulation) vs 1 process x batch 4 (x accumulation): the same samples per
     step, so the same loss at every step and the same final weights. SFT conversations differ in length,
@@ -289,7 +295,10 @@ def test_ddp_matches_single_process(runs, single, ranks):
     assert tokens == {r["step"]: r["tokens"] for r in two.metrics() if "loss" in r}
     losses = one.losses()
     assert abs(losses[4] - losses[1]) > 100 * TOL, f"training barely moved: {losses}"
-    assert_same_weights(two.weights(), one.weights(), TOL, f"final weights of {ranks} vs {single}")
+    # Muon orthogonalises in bf16 (torch.optim.Muon's Newton-Schulz): the float32 rounding differences of
+    # the two runs' gradients reach the weights as bf16-sized ones (measured 4.5e-5 after 4 steps).
+    tol = 1e-4 if single == "muon_1" else TOL
+    assert_same_weights(two.weights(), one.weights(), tol, f"final weights of {ranks} vs {single}")
 
 
 # --- 2. gradient sync: only in the last backward of a step, and the right gradient -------------------

@@ -153,6 +153,8 @@ RESUME_CASES = {
     "pretrain-dropout": ("pretrain", ["--dropout", "0.1"]),
     "sft": ("sft", []),
     "sft-init_from-dropout": ("sft", ["--dropout", "0.1", "--init_from", "BASE"]),
+    # Muon's momentum buffers and AdamW's moments, both in the checkpoint; WSD's schedule.
+    "pretrain-muon-wsd": ("pretrain", ["--optimizer", "muon", "--lr_schedule", "wsd", "--decay_fraction", "0.5"]),
 }
 
 

@@ -41,6 +41,22 @@ def test_get_lr_cosine_decay_and_floor():
     assert get_lr(quarter, lr, warmup, max_steps) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_holds_the_peak_then_cools_down_over_the_last_fraction(shape):
+    from train_model import get_lr
+    lr, warmup, max_steps = 1e-3, 10, 100  # decay_fraction 0.2: the last 20 steps, 80 to 99
+    values = [get_lr(s, lr, warmup, max_steps, "wsd", 0.2, shape) for s in range(max_steps + 5)]
+    assert values[:warmup] == pytest.approx([lr * (s + 1) / warmup for s in range(warmup)])
+    assert values[warmup - 1:81] == pytest.approx([lr] * (82 - warmup))  # stable through step 80
+    cool = values[80:100]
+    assert all(a > b for a, b in zip(cool, cool[1:])) and cool[-1] > 0  # the last step still learns
+    assert values[100:] == [0.0] * 5
+    expected_mid = lr * (1 - 0.5 if shape == "linear" else 1 - math.sqrt(0.5))
+    assert values[90] == pytest.approx(expected_mid)  # halfway through the cool-down
+    # The stable phase does not depend on the run's length: a longer run continues it.
+    assert get_lr(80, lr, warmup, 200, "wsd", 0.2, shape) == lr
+
+
 def test_get_lr_without_warmup_and_with_short_runs():
     from train_model import get_lr
     assert get_lr(0, 1e-3, 0, 50) == pytest.approx(1e-3)
@@ -134,10 +150,10 @@ def test_grad_scaler_only_for_float16(dtype, enabled):
 
 
 def test_optimizer_groups_decay_matrices_only():
-    from train_model import make_optimizer
+    from train_model import make_optimizers
     model = Transformer(tiny_config(300))
-    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
-    optimizer = make_optimizer(model, args, torch.device("cpu"))
+    args = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1)
+    (optimizer,) = make_optimizers(model, args, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW)
     by_decay = {}
     for group in optimizer.param_groups:
@@ -153,6 +169,29 @@ def test_optimizer_groups_decay_matrices_only():
     # Every parameter exactly once (the tied lm_head is the embedding, not a second copy).
     all_params = by_decay[0.0] + by_decay[0.1]
     assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+
+
+
+def test_muon_gets_the_block_matrices_and_adamw_the_rest():
+    """Muon orthogonalises 2-D updates: the attention and MLP projections. The embedding (tied to the
+    output head, a lookup table rather than a linear map of the residual) and the norms stay on AdamW.
+    Every parameter is in exactly one group of one optimizer."""
+    from train_model import make_optimizers
+    model = Transformer(tiny_config(300))
+    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=None, weight_decay=0.1)
+    muon, adamw = make_optimizers(model, args, torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    on_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    expected = {f"layers.{i}.{m}.weight" for i in range(2) for m in
+                ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert sorted(on_muon) == sorted(expected)
+    assert sorted(on_adamw) == sorted(set(names.values()) - expected)
+    assert "tok_embeddings.weight" in on_adamw and not any("norm" in n for n in on_muon)
+    assert len(on_muon) + len(on_adamw) == len(set(on_muon + on_adamw)) == len(list(model.parameters()))
+    assert muon.param_groups[0]["lr"] == 1e-3 and muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
 
 
 # --- end to end: pretraining --------------------------------------------------------------------------
