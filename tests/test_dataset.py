@@ -177,7 +177,7 @@ def test_pretrain_blocks_are_full(shipped_pretrain):
 def test_pretrain_blocks_concatenate_to_the_token_stream(tokenizer, tmp_path):
     records = shipped_lines("pretrain_poetry.jsonl.gz", 2000)
     path = write_jsonl(tmp_path / "pretrain.jsonl", records)
-    samples = list(PretrainDataset(path, tokenizer, 512))
+    samples = [{"input_ids": torch.from_numpy(b)} for b in PretrainDataset(path, tokenizer, 512)._blocks()]
     texts = [r["text"] for r in train_lines(records)]
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     stream = []
@@ -311,8 +311,30 @@ def test_start_sample_skips_exactly(tokenizer, data_for, kind, world_size):
 
 def test_start_sample_continues_across_epochs(tokenizer, pretrain_file):
     one = list(_dataset("pretrain", pretrain_file, tokenizer))
+    both = list(_dataset("pretrain", pretrain_file, tokenizer, epochs=2))
     two = list(_dataset("pretrain", pretrain_file, tokenizer, epochs=2, start_sample=len(one) - 3))
-    assert _same_samples(two, one[-3:] + one)
+    assert _same_samples(both[:len(one)], one)
+    assert _same_samples(two, both[len(one) - 3:])
+
+
+def test_pretrain_blocks_are_shuffled_in_windows_and_differently_each_epoch(tokenizer, pretrain_file):
+    """Each epoch is a permutation of the file-order blocks, within windows of window_batches global
+    batches; the second epoch's order is not the first's, the seed changes it, the ranks share it."""
+    def blocks(**kwargs):
+        return [tuple(s["input_ids"].tolist()) for s in PretrainDataset(pretrain_file, tokenizer, 32,
+                                                                           window_batches=4, **kwargs)]
+    in_file_order = [tuple(b.tolist()) for b in PretrainDataset(pretrain_file, tokenizer, 32)._blocks()]
+    epochs = blocks(batch_size=4, epochs=2)
+    n, window = len(in_file_order), 4 * 4
+    assert n > 3 * window
+    first, second = epochs[:n], epochs[n:]
+    for order in (first, second):
+        for start in range(0, n, window):  # a permutation of each window, so of the whole epoch
+            assert sorted(order[start:start + window]) == sorted(in_file_order[start:start + window])
+    assert first != in_file_order and second != first
+    assert blocks(batch_size=4, seed=1) != first
+    ranks = [blocks(batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
 
 
 def _batches(dataset, batch_size, num_workers, pad_id):
