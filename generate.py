@@ -62,7 +62,8 @@ def reply(model, tokenizer, messages, args, stops, stream=True):
 
 
 class _Stop(Exception):
-    """Raised after a stop id: model.generate stops by itself at one eos id only."""
+    """Ends model.generate from its streamer: generate stops by itself at a single eos id, and a model's
+    generation config may list several (ours: <|im_end|> and <|endoftext|>)."""
 
 
 def complete(model, tokenizer, prompt_ids, args, stops, streamer=None):
