@@ -33,8 +33,6 @@ import os
 import re
 import sys
 
-import numpy as np
-
 GGUF_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}  # --outtype -> GGMLQuantizationType name
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}  # -> LlamaFileType name
 
