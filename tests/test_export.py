@@ -104,6 +104,24 @@ def test_tensors_have_llama_cpp_names_shapes_and_types(exported, model_dir, outt
         assert dequantized(tensor).shape == source.shape, name
 
 
+def test_q8_0_keeps_f16_for_rows_that_do_not_split_into_blocks_of_32(tmp_path):
+    """q8_0 quantises blocks of 32 along a row; a matrix with rows of another length stays f16 (width 48:
+    every matrix but ffn_down, whose rows are 128 long)."""
+    import export_gguf
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+    from train_model import write_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    model = Transformer(tiny_config(len(tokenizer), dim=48, n_layers=1))
+    write_model_dir(str(tmp_path / "m"), model, model.state_dict(), tokenizer)
+    export_gguf.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf"), "--outtype", "q8_0"])
+    types = {t.name: t.tensor_type.name for t in read(str(tmp_path / "m.gguf")).tensors}
+    assert types.pop("blk.0.ffn_down.weight") == "Q8_0"
+    assert {name: kind for name, kind in types.items() if "norm" not in name} == {
+        name: "F16" for name in types if "norm" not in name}
+
+
 def test_f32_values_equal_the_checkpoint(exported, model_dir):
     """Every tensor bit for bit, except that wq and wk have their rows reordered within each head (the
     rotary layout; that the order is the right one is tested through transformers below)."""
