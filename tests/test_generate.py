@@ -18,12 +18,6 @@ COMPLETION_PROMPT, COMPLETION = "春眠不觉晓，", "处处闻啼鸟。"  # le
 QUESTION, ANSWER = "请背诵《静夜思》。", "床前明月光"  # learnt to end with <|endoftext|>
 
 
-def _quiet_hf():
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def _learnt_sequences(tokenizer):
     """Two token sequences the tiny model learns by heart: a completion that ends with <|im_end|>, and a
     chat answer that ends with <|endoftext|>; each followed by the other, so that neither stop token is
@@ -62,7 +56,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_model(model_dir):
     """The directory in transformers, generation settings included (its eos ids are the oracle's)."""
-    _quiet_hf()
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
