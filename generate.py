@@ -4,7 +4,8 @@
     python generate.py --model sft_model --chat                      (interactive; empty line or Ctrl-D ends)
     python generate.py --model sft_model --chat --prompt "请背诵《静夜思》"   (one chat turn)
 
-Only the new text goes to stdout.
+Only the new text goes to stdout. Generation stops where transformers' `generate` stops for the model: at
+any id of its generation_config.json's eos_token_id (<|im_end|> and <|endoftext|> for our models).
 """
 import argparse
 import os
@@ -39,26 +40,55 @@ def load(model_dir, device):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def reply(model, tokenizer, messages, args, stream=True):
+def stop_ids(model_dir, tokenizer):
+    """The ids transformers' `generate` stops at for this model: generation_config.json's eos_token_id (one
+    id or a list), else the tokenizer's eos."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def reply(model, tokenizer, messages, args, stops, stream=True):
     """The assistant's answer to the conversation so far, streamed to stdout when `stream`."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"]
-    new_ids = complete(model, tokenizer, prompt, args, tokenizer.eos_token_id,
-                       TextStreamer(tokenizer) if stream else None)
+    new_ids = complete(model, tokenizer, prompt, args, stops, TextStreamer(tokenizer) if stream else None)
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def complete(model, tokenizer, prompt_ids, args, eos_token_id, streamer=None):
-    """New token ids after prompt_ids (a list), ending at eos_token_id or after max_new_tokens."""
+class _Stop(Exception):
+    """Ends model.generate from its streamer: generate stops by itself at a single eos id, and a model's
+    generation config may list several (ours: <|im_end|> and <|endoftext|>)."""
+
+
+def complete(model, tokenizer, prompt_ids, args, stops, streamer=None):
+    """New token ids after prompt_ids (a list): up to and including the first id in `stops`, or
+    max_new_tokens of them."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=eos_token_id, streamer=streamer,
-                         compile=args.compile)
-    return out[0, len(prompt_ids):].tolist()
+    new_ids = []
+
+    def take(token_ids):  # called by model.generate with each new token
+        new_ids.append(int(token_ids[0]))
+        if streamer is not None:
+            streamer(token_ids)
+        if new_ids[-1] in stops:
+            raise _Stop
+
+    try:
+        model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, streamer=take, compile=args.compile)
+    except _Stop:
+        pass
+    return new_ids
 
 
-def chat(model, tokenizer, args):
+def chat(model, tokenizer, args, stops):
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -69,14 +99,14 @@ def chat(model, tokenizer, args):
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        answer = reply(model, tokenizer, messages, args)
+        answer = reply(model, tokenizer, messages, args, stops)
         print()
         messages.append({"role": "assistant", "content": answer})
 
 
-def eos_rate(model, tokenizer, data_path, args, prompts=20):
-    """Share of held-out conversations whose answer, sampled with args' settings, ends with <|im_end|>
-    by itself within args.max_new_tokens.
+def eos_rate(model, tokenizer, data_path, args, stops, prompts=20):
+    """Share of held-out conversations whose answer, sampled with args' settings and stopped as the chat
+    stops (at any of `stops`), ends with <|im_end|> by itself within args.max_new_tokens.
 
     Held out: the SFT validation lines that train_model.py never trains on; the prompt is each
     conversation up to its last user turn.
@@ -88,7 +118,7 @@ def eos_rate(model, tokenizer, data_path, args, prompts=20):
         prompt_messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
-        new_ids = complete(model, tokenizer, prompt, args, tokenizer.eos_token_id)
+        new_ids = complete(model, tokenizer, prompt, args, stops)
         ended += tokenizer.eos_token_id in new_ids
         asked += 1
         if asked == prompts:
@@ -121,21 +151,21 @@ def main(argv=None):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load(args.model, args.device)
+    stops = stop_ids(args.model, tokenizer)
     if args.eos_check:
-        rate, asked = eos_rate(model, tokenizer, args.eos_check, args)
+        rate, asked = eos_rate(model, tokenizer, args.eos_check, args, stops)
         how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
         print(f"the model ended its answer with <|im_end|> by itself on {rate:.0%} of {asked} held-out "
               f"prompts (within {args.max_new_tokens} new tokens, {how})")
     elif args.chat and args.prompt is None:
-        chat(model, tokenizer, args)
+        chat(model, tokenizer, args, stops)
     elif args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args)
+        reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, stops)
         print()
     elif args.prompt is not None:
         prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-        complete(model, tokenizer, prompt, args, tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                 TextStreamer(tokenizer))
+        complete(model, tokenizer, prompt, args, stops, TextStreamer(tokenizer))
         print()
     else:
         sys.exit("error: pass --prompt TEXT, or --chat for a conversation")

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dataset import DataError, parse_texts, read_jsonl, text_bytes
 
-END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining
+END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining; also the bos token (see below)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eos token
 PAD = "<|pad|>"  # a token of its own: padding must never be confused with eos
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, PAD]
@@ -55,8 +55,13 @@ def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=sys.stderr.isatty())
     tokenizer.train_from_iterator(sample_texts(paths, max_train_bytes), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD,
-                                   chat_template=CHAT_TEMPLATE, model_max_length=1_000_000)
+    # bos is <|endoftext|>: what precedes every pretraining document but the first, so it is the natural
+    # prefix for tools that score a text from its start (lm-eval's rolling log-likelihood). It is declared,
+    # never added: the post-processor adds no token, so encodings equal what training saw.
+    # Left padding: batched generation in transformers needs it; training pads by itself (dataset.collate).
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=IM_END,
+                                   pad_token=PAD, padding_side="left", chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1_000_000)
 
 
 def parse_args(argv=None):

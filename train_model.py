@@ -290,16 +290,18 @@ def fsync_tree(path):
 
 
 def write_model_dir(path, model, state_dict, tokenizer):
-    """A complete Hugging Face model directory: config, safetensors, tokenizer, generation config."""
+    """A complete Hugging Face model directory: config, safetensors, tokenizer, generation config.
+
+    bos, eos and pad ids are the tokenizer's own, so that config.json, generation_config.json and the
+    tokenizer agree (bos is <|endoftext|>, see tokenizer.py). Generation stops at <|im_end|> or
+    <|endoftext|>, whichever comes first."""
     from transformers import GenerationConfig
-    model.save_pretrained(path, state_dict=state_dict,
-                          token_ids={"bos_token_id": tokenizer.convert_tokens_to_ids("<|im_start|>"),
-                                     "eos_token_id": tokenizer.eos_token_id,
-                                     "pad_token_id": tokenizer.pad_token_id})
+    token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id}
+    model.save_pretrained(path, state_dict=state_dict, token_ids=token_ids)
     tokenizer.save_pretrained(path)
     end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_text], pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=None).save_pretrained(path)
+    GenerationConfig(**{**token_ids, "eos_token_id": [tokenizer.eos_token_id, end_of_text]}).save_pretrained(path)
 
 
 def save_atomically(path, write):

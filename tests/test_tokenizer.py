@@ -49,6 +49,26 @@ def test_chatml_tokens_are_single_special_tokens(tokenizer, token):
     assert tokenizer.decode(ids) == f"诗{token}词"
 
 
+def _assert_bos_is_declared_never_added(tok):
+    """bos is <|endoftext|> (the document separator: what precedes every pretraining document but the first),
+    and declaring it changes no encoding: neither plain text nor the chat template gets a bos, so training
+    data stay token for token what they were. Left padding, for batched generation in transformers."""
+    assert tok.bos_token == "<|endoftext|>"
+    assert tok.bos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    for text in ("x", "床前明月光"):
+        ids = tok(text)["input_ids"]
+        assert ids == tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False)
+        assert tok.bos_token_id not in ids
+    chat = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert chat == tok(_chatml(CONVERSATION), add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in chat
+    assert tok.padding_side == "left"
+
+
+def test_bos_is_endoftext_and_never_added(tokenizer):
+    _assert_bos_is_declared_never_added(tokenizer)
+
+
 def test_plain_text_adds_no_special_tokens(tokenizer):
     """Neither a bos nor an eos sneaks in: pretraining adds <|endoftext|> itself."""
     ids = tokenizer("床前明月光")["input_ids"]
@@ -150,6 +170,11 @@ def test_trained_tokenizer_loads_with_auto_tokenizer(trained_dir):
         assert fresh.added_tokens_decoder[token_id].special
     assert fresh.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == \
         _chatml(CONVERSATION) + "<|im_start|>assistant\n"
+
+
+def test_trained_tokenizer_declares_bos_and_left_padding(trained_dir):
+    from transformers import AutoTokenizer
+    _assert_bos_is_declared_never_added(AutoTokenizer.from_pretrained(trained_dir))
 
 
 def _assistant_mask_text(tok, messages):

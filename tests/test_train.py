@@ -483,14 +483,14 @@ def test_eos_check_asks_held_out_prompts_and_counts_answers_that_end(tokenizer, 
     held_out = [m for _, m in SFTDataset(sft_file, tokenizer, 64, split="val").records()]
     prompts_seen = []
 
-    def fake_complete(model, tok, prompt, args, eos_token_id, streamer=None):
+    def fake_complete(model, tok, prompt, args, stops, streamer=None):
         prompts_seen.append(tok.decode(prompt))
-        return [5, eos_token_id] if len(prompts_seen) % 2 else [5, 6]
+        return [5, tok.eos_token_id] if len(prompts_seen) % 2 else [5, 6]
 
     monkeypatch.setattr(generate, "complete", fake_complete)
     model = Transformer(tiny_config(len(tokenizer), max_seq_len=64))
     args = argparse.Namespace(max_new_tokens=10, temperature=0, top_k=None, top_p=None)
-    rate, asked = generate.eos_rate(model, tokenizer, sft_file, args, prompts=20)
+    rate, asked = generate.eos_rate(model, tokenizer, sft_file, args, {tokenizer.eos_token_id}, prompts=20)
     assert asked == len(held_out) == 2  # 400 lines, every 200th held out
     assert rate == 0.5
     for rendered, messages in zip(prompts_seen, held_out):
