@@ -78,6 +78,14 @@ def health(url):
     return httpx.get(f"{url}/health", timeout=10).json()
 
 
+def when_idle(url):
+    """/health once no request is running (waiting at most 30 s: a bound, not a speed test)."""
+    deadline = time.monotonic() + 30
+    while health(url)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health(url)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_chatty_model(tmp_path_factory.mktemp("serve") / "tiny-chat", max_seq_len=1024)
@@ -271,10 +279,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
-    deadline = time.monotonic() + 30  # a bound on waiting, not a speed test
-    while health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    after = health(server)
+    after = when_idle(server)
     assert after["running"] == 0
     assert after["finished"]["cancelled"] == before["cancelled"] + 1
     assert after["finished"]["length"] == before["length"]  # it did not simply run to its end
