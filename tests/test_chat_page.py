@@ -21,7 +21,7 @@ TIMEOUT_MS = 60_000
 def server(tmp_path_factory):
     # 2,048 positions: an answer runs long enough to be stopped half-way.
     model_dir = write_chatty_model(tmp_path_factory.mktemp("page") / "tiny-chat", max_seq_len=2048)
-    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as url:
+    with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as (_, url):
         yield url
 
 

@@ -8,10 +8,6 @@ must get, decoded alone.
 import contextlib
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,7 +15,8 @@ import openai
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TOKENIZER_DIR, tiny_config
+import bench
+from conftest import SUBPROCESS_ENV, TOKENIZER_DIR, tiny_config
 
 API_KEY = "test-key"
 SYSTEM, QUESTION = "你是一个诗人。", "请背诵《静夜思》"
@@ -43,35 +40,9 @@ def write_chatty_model(path, max_seq_len, seed=0):
     return str(path)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def running_server(model_dir, log_path, *args):
-    """`python serve.py` on a free port of 127.0.0.1; yields its base URL once /health answers."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--model", model_dir,
-                                    "--port", str(port), "--device", "cpu", *map(str, args)],
-                                   cwd=REPO, env=SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"serve.py exited:\n{open(log_path).read()}"
-            assert time.monotonic() < deadline, f"serve.py did not answer in 120 s:\n{open(log_path).read()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    """`python serve.py` on a free port of 127.0.0.1 (bench.py's way): yields (process, base URL)."""
+    return bench.running_server(model_dir, log_path, "--device", "cpu", *args, env=SUBPROCESS_ENV)
 
 
 def health(url):
@@ -92,10 +63,15 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def served(model_dir, tmp_path_factory):
     with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log",
-                        "--api_key", API_KEY, "--max_batch_size", 4) as url:
-        yield url
+                        "--api_key", API_KEY, "--max_batch_size", 4) as process_and_url:
+        yield process_and_url
+
+
+@pytest.fixture
+def server(served):
+    return served[1]
 
 
 @pytest.fixture
@@ -336,3 +312,15 @@ def test_batched_decoding_equals_decoding_alone(tokenizer, tmp_path):
     ended_at_eos = sum(len(e) < n for e, (_, n, _) in zip(expected, plan))
     assert scheduler.finished == {"stop": ended_at_eos, "length": len(plan) - ended_at_eos, "cancelled": 0,
                                   "error": 0}
+
+
+def test_bench_load_every_valid_request_answered_every_malformed_one_refused(served):
+    """bench.py --serve's mixed load, small: valid requests answered in full, malformed ones a 4xx JSON
+    error; the server ends idle (its speed figures are measured here, not asserted)."""
+    process, url = served
+    results = bench.measure_serving(url, process.pid, quick=True, requests=40, api_key=API_KEY)
+    mixed = results["mixed"]
+    assert (mixed["good"]["sent"], mixed["bad"]["sent"], mixed["leave"]["sent"]) == (36, 2, 2)
+    assert mixed["good"]["as_expected"] == 36 and mixed["bad"]["as_expected"] == 2
+    idle = when_idle(url)
+    assert idle["running"] == idle["waiting"] == 0
