@@ -711,16 +711,18 @@ def measure_serving(url, pid, quick=False, requests=1000, api_key=None, log=lamb
 
 
 def bench_serving(args):
-    """serve.py on args.serve, alone in its own process (torch's default threads), measured from here."""
+    """serve.py on args.serve, in a process of its own, measured from this one."""
     started = time.perf_counter()
 
     def log(message):
         print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
     requests = 40 if args.quick else args.serve_requests
+    # One torch thread on CPU unless --threads says otherwise, for the reason given in main.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1)} if args.device == "cpu" else None
     with tempfile.TemporaryDirectory() as tmp, \
             running_server(args.serve, os.path.join(tmp, "serve.log"), "--device", args.device,
-                           "--max_batch_size", 8, *(["--compile"] if args.compile else [])) as (process, url):
+                           "--max_batch_size", 8, *(["--compile"] if args.compile else []), env=env) as (process, url):
         log(f"serve.py up at {url}")
         results = {"machine": machine(torch.device(args.device)), "model": args.serve,
                    **measure_serving(url, process.pid, args.quick, requests, log=log)}
