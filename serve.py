@@ -154,7 +154,7 @@ class Scheduler:
             if self.rows:
                 self.step()
         except Exception:  # a bug must not take the server down with it: fail these requests
-            self._fail(self.rows)
+            self._fail(list(self.rows))
 
     def _admit(self, sequence):
         """Prefill a new request on its own and, unless it ends at its first token, give it a row."""
@@ -231,11 +231,13 @@ class Scheduler:
             self.next_ids.pop()
 
     def _fail(self, sequences):
+        """End these sequences with an error (the traceback goes to the log); the others run on."""
         traceback.print_exc()
         for sequence in sequences:
             self.finished["error"] += 1
             sequence.post("error", "the server failed while generating; see its log")
-        self.rows, self.next_ids = [], []
+        kept = [i for i, s in enumerate(self.rows) if s not in sequences]
+        self.rows, self.next_ids = [self.rows[i] for i in kept], [self.next_ids[i] for i in kept]
 
     def _compile_now(self):
         """Compile the decoding step before the first request: for one row, then for two (from then on
@@ -287,7 +289,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and llama.cpp's extra field. 0: off
-    stop: str | list[str] | None = Field(None)
+    stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

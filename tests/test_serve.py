@@ -324,3 +324,30 @@ def test_bench_load_every_valid_request_answered_every_malformed_one_refused(ser
     assert mixed["good"]["as_expected"] == 36 and mixed["bad"]["as_expected"] == 2
     idle = when_idle(url)
     assert idle["running"] == idle["waiting"] == 0
+
+
+def test_a_failing_request_gets_an_error_and_the_others_run_on(tokenizer):
+    """A prompt the model fails on (an id past the vocabulary, which the HTTP layer would refuse) ends
+    that request with an error event; the running sequence is not disturbed and finishes."""
+    import asyncio
+    from model import Transformer
+    from serve import Scheduler, Sequence
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(len(tokenizer))).eval()
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tokenizer, stop_ids=[], max_batch_size=4)
+    running = Sequence([5, 6, 7], 10, 0.0, None, None, [], None, loop)
+    failing = Sequence([5, len(tokenizer) + 10], 10, 0.0, None, None, [], None, loop)
+    with torch.no_grad():
+        scheduler.submit(running)
+        scheduler.iterate()
+        scheduler.submit(failing)
+        for _ in range(12):
+            scheduler.iterate()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    events = {name: [s.events.get_nowait() for _ in range(s.events.qsize())]
+              for name, s in [("running", running), ("failing", failing)]}
+    assert [e[0] for e in events["failing"]] == ["error"]
+    assert events["running"][-1][:2] == ("end", "length") and running.generated == 10
+    assert scheduler.finished["error"] == 1 and not scheduler.rows
