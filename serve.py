@@ -29,6 +29,7 @@ import io
 import json
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -290,7 +291,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and llama.cpp's extra field. 0: off
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator takes
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1)  # one choice per request
@@ -318,7 +319,9 @@ def validation_error(exc):
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.")
     if tuple(first["loc"]) == ("body",):
         return APIError(400, f"The body of your request must be a JSON object ({first['msg']}).")
-    where = [str(part) for part in first["loc"] if part != "body"]
+    # loc: ("body", field, index, ...), and for a union the member tried last ("str", "list[int]"): dropped.
+    where = [str(part) for part in first["loc"][1:]
+             if not re.fullmatch(r"str|int|float|bool|(list|dict)\[.*\]", str(part))]
     param = ".".join(where) or None
     return APIError(400, f"Invalid '{param}': {first['msg']}" if param else first["msg"], param)
 
@@ -336,6 +339,11 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc):
         return validation_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # a bug: still an answer in OpenAI's shape (the log has the traceback)
+        traceback.print_exception(exc)
+        return APIError(500, "the server failed on this request; see its log", type="server_error").response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):

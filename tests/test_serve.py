@@ -193,6 +193,8 @@ BAD_REQUESTS = {  # request body -> (param named in the error, code)
     "message without content": ({"messages": [{"role": "user"}]}, "messages.0.content", None),
     "message not an object": ({"messages": ["hello"]}, "messages.0", None),
     "unknown role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", None),
+    "content neither text nor text parts": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                                            "messages.0.content", None),
     "negative max_tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens", None),
     "zero max_tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", None),
     "oversized max_tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000},
@@ -203,6 +205,7 @@ BAD_REQUESTS = {  # request body -> (param named in the error, code)
                                  "temperature", None),
     "five stop strings": ({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, "stop", None),
     "two choices": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", None),
+    "seed too large for a generator": ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, "seed", None),
 }
 
 
