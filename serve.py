@@ -347,8 +347,7 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        return APIError(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found"
-                        ).response()
+        return APIError(exc.status_code, str(exc.detail)).response()
 
     def check_key(request: Request):
         if api_key is None:
@@ -359,17 +358,17 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
                            "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
 
-    def sequence_for(body, prompt_ids, default_max_tokens):
-        """The scheduler's Sequence for a request; a prompt and completion that do not fit: error 400."""
-        prompt_len = len(prompt_ids)
-        room = max_seq_len - prompt_len
+    def sequence_for(body, prompt_ids, default_max_tokens, prompt_param):
+        """The scheduler's Sequence for a request; a prompt and answer longer than the context: error 400."""
+        room = max_seq_len - len(prompt_ids)
+        too_long = f"This model's maximum context length is {max_seq_len} tokens, and the prompt has {len(prompt_ids)}"
+        if room < 1:
+            raise APIError(400, f"{too_long}: no room is left for an answer. Please shorten the prompt.",
+                           prompt_param, "context_length_exceeded")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(default_max_tokens, room)
-        if max_tokens > room or room < 1:
-            raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens. However, you "
-                                f"requested {prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the prompt, "
-                                f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt "
-                                f"or of the completion.",
-                           "max_tokens" if room >= 1 else "messages", "context_length_exceeded")
+        if max_tokens > room:
+            raise APIError(400, f"{too_long}: at most {room} tokens are left for the answer, not {max_tokens}. "
+                                f"Please reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded")
         generator = None
         if body.seed is not None:
             generator = torch.Generator(scheduler.device).manual_seed(body.seed)
@@ -458,7 +457,7 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=True)["input_ids"]
         # Without max_tokens, an answer may fill the rest of the context (OpenAI's default).
-        return await respond(body, sequence_for(body, prompt_ids, max_seq_len), "chat.completion")
+        return await respond(body, sequence_for(body, prompt_ids, max_seq_len, "messages"), "chat.completion")
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest):
@@ -470,7 +469,7 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
                 raise APIError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", "prompt")
         if not prompt_ids:
             raise APIError(400, "'prompt' is empty", "prompt")
-        return await respond(body, sequence_for(body, prompt_ids, 16), "text_completion")  # OpenAI's 16
+        return await respond(body, sequence_for(body, prompt_ids, 16, "prompt"), "text_completion")  # OpenAI's 16
 
     return app
 

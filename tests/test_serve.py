@@ -220,7 +220,7 @@ def test_bad_chat_requests_get_an_openai_error(client, name):
 
 
 def test_bad_completion_requests_get_an_openai_error(client):
-    for body, param, code in [({"prompt": TOO_LONG}, "messages", "context_length_exceeded"),
+    for body, param, code in [({"prompt": TOO_LONG}, "prompt", "context_length_exceeded"),
                               ({"prompt": "hi", "max_tokens": -5}, "max_tokens", None),
                               ({"prompt": [1, 99999]}, "prompt", None),
                               ({"max_tokens": 5}, "prompt", None)]:
