@@ -330,7 +330,6 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     """The FastAPI app. `tokenizer` encodes prompts in the event loop: it must not be the scheduler's,
     which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared)."""
     app = FastAPI(title="Tiny-LLM", docs_url=None, redoc_url=None)
-    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(request, exc):
@@ -446,10 +445,19 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     async def health():
         return {"status": "ok", **scheduler.stats()}
 
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tiny-llm",
+                  "max_model_len": max_seq_len}
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "tiny-llm", "max_model_len": max_seq_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server has '{model_name}'.", "model",
+                           "model_not_found")
+        return model_card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatRequest):

@@ -98,6 +98,10 @@ def chat(client, **kwargs):
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny-chat"]
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("gpt-4")
+    assert error.value.code == "model_not_found"
 
 
 def test_greedy_chat_is_what_generate_py_prints(client, model_dir, tokenizer):
