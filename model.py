@@ -3,6 +3,7 @@
 Read top to bottom: config, building blocks, the Transformer, generation, then saving and loading in
 Hugging Face's Llama layout so that `transformers.LlamaForCausalLM` loads our checkpoints unchanged.
 """
+import copy
 import json
 import math
 import os
@@ -66,7 +67,8 @@ def rope_cos_sin(head_dim, max_seq_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim) when each
+    row has positions of its own."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -76,8 +78,12 @@ class KVCache:
     """Preallocated keys and values for every layer, written in place at the positions being decoded.
 
     Attention always reads the whole cache (a mask hides what is not written yet), and the write
-    position is a tensor, not a Python int: every decoding step sees the same shapes, so one compiled
+    positions are tensors, not Python ints: every decoding step sees the same shapes, so one compiled
     step serves every token without recompiling.
+
+    Each row (sequence) has its own length, so sequences of different lengths decode side by side: a
+    server prefills a new request's prompt in a cache of its own, copies it into a free row of the
+    running batch (copy_row) and decodes the rows in use (first_rows) one token at a time.
 
     A layer's buffers are allocated at its first write, in the dtype of the keys and values attention
     actually produced: bf16 under bf16 autocast although the weights are float32, float32 without."""
@@ -86,16 +92,40 @@ class KVCache:
         self.shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k, self.v = [None] * config.n_layers, [None] * config.n_layers
         self.max_len = max_len
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # positions already filled
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions filled, per row
 
     def update(self, layer, positions, k, v):
-        """Store k, v (batch, kv_heads, seq, head_dim) at positions (seq,); return the whole cache."""
+        """Store k, v (batch, kv_heads, seq, head_dim) at positions (batch, seq); return the whole cache."""
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(self.shape)
             self.v[layer] = v.new_zeros(self.shape)
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        index = positions[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
         return self.k[layer], self.v[layer]
+
+    def copy_row(self, row, source, source_row=0):
+        """Make `row` hold the sequence in row `source_row` of cache `source` (which may be shorter): how a
+        sequence prefilled on its own joins a batch, and how a batch closes the gap a finished one leaves.
+        Positions past its length keep stale values; attention never sees them."""
+        length = int(source.length[source_row])
+        for layer in range(len(self.k)):
+            if self.k[layer] is None:
+                self.k[layer] = source.k[layer].new_zeros(self.shape)
+                self.v[layer] = source.v[layer].new_zeros(self.shape)
+            self.k[layer][row, :, :length] = source.k[layer][source_row, :, :length]
+            self.v[layer][row, :, :length] = source.v[layer][source_row, :, :length]
+        self.length[row] = length
+
+    def first_rows(self, n):
+        """A cache of the first n rows that shares this one's memory: decoding it updates them here.
+        Copy a sequence in first (copy_row): a layer not allocated yet has no rows to share."""
+        assert all(k is not None for k in self.k), "first_rows of a cache nothing was copied into"
+        rows = copy.copy(self)
+        rows.shape = (n,) + self.shape[1:]
+        rows.k, rows.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        rows.length = self.length[:n]
+        return rows
 
 
 class Attention(nn.Module):
@@ -246,10 +276,11 @@ class Transformer(nn.Module):
                 f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:
-            positions = cache.length + torch.arange(seq, device=input_ids.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            # (seq, cache length): each new token sees the cache up to its own position, causal.
-            mask = torch.arange(cache.max_len, device=input_ids.device) <= positions[:, None]
+            # (batch, seq): each row continues its own sequence, at its own position.
+            positions = cache.length[:, None] + torch.arange(seq, device=input_ids.device)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            # (batch, 1, seq, cache length): each new token sees its row's cache up to its own position.
+            mask = (torch.arange(cache.max_len, device=input_ids.device) <= positions[..., None]).unsqueeze(1)
             cache.length += seq
         h = self.dropout(self.tok_embeddings(input_ids))
         for layer in self.layers:
@@ -403,8 +434,9 @@ def from_hf_name(name):
     return _rename(name, {**top, "layers": "layers."}, layer, "model.layers.")
 
 
-def sample_next_token(logits, temperature, top_k, top_p):
-    """Next ids (batch,) from logits (batch, vocab), on the logits' device."""
+def sample_next_token(logits, temperature, top_k, top_p, generator=None):
+    """Next ids (batch,) from logits (batch, vocab), on the logits' device; generator: a torch.Generator
+    of the request's own, for a seed that holds whatever else is being sampled at the same time."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -417,5 +449,5 @@ def sample_next_token(logits, temperature, top_k, top_p):
         # Drop a token when the tokens before it already cover top_p; the first one always stays.
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator).squeeze(-1)
 

@@ -1,0 +1,531 @@
+"""Serve a model over an OpenAI-compatible HTTP API, with continuous batching and a web chat page.
+
+    python serve.py --model runs/demo/sft                  then open http://127.0.0.1:8000/
+    python serve.py --model sft_model --api_key KEY --max_batch_size 16 --compile
+
+Endpoints (the subset of OpenAI's API that the official `openai` client needs for text):
+    GET  /v1/models             the one model served, named after its directory
+    POST /v1/chat/completions   messages -> the assistant's answer (stream: server-sent events)
+    POST /v1/completions        prompt -> its continuation
+    GET  /                      the chat page (static/chat.html)
+    GET  /health                200 while the server runs, with the scheduler's counters
+
+How it works. One scheduler thread owns the model; the HTTP handlers (FastAPI on uvicorn, asyncio)
+validate and tokenize a request, put it on the scheduler's queue and read its text back from an asyncio
+queue. Between two decoding steps the scheduler takes new requests: it runs each prompt on its own (batch
+1, since prompt lengths differ) into a cache of its own, samples the first token and copies the keys and
+values into a free row of the batch's KVCache. Then one forward pass decodes every row, each sequence at
+its own position: continuous batching, as vLLM and TGI do it. A request never waits for another to
+finish, only for a free row when --max_batch_size rows are taken. A finished or abandoned request frees
+its row at once (the last row moves into the gap, so the rows in use are always the first ones).
+
+Trade-offs: each row reserves max_seq_len positions up front (no paged memory: simple, and small models
+have short contexts); a long prompt's prefill delays the running rows by one forward pass (no chunked
+prefill); one process, one device.
+"""
+import argparse
+import asyncio
+import io
+import json
+import os
+import queue
+import re
+import secrets
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from generate import TextStreamer, load
+from model import KVCache, sample_next_token
+
+CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+# --- turning tokens into text ------------------------------------------------------------------
+
+class TextOutput:
+    """An answer's text as its tokens arrive: what may be sent so far, and where a stop string ends it.
+
+    Held back: the bytes of a character that is not complete yet (TextStreamer, as generate.py prints),
+    and an end of the text that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop):
+        self.printed = io.StringIO()
+        self.streamer = TextStreamer(tokenizer, out=self.printed)
+        self.stop, self.sent, self.end = stop, 0, None  # end: where a stop string cut the text
+
+    def add(self, token_id):
+        """The text that may be sent now, and whether a stop string ended the answer."""
+        self.streamer([token_id])
+        text = self.printed.getvalue()
+        # A stop string cannot start before `sent`: whatever could have started one was held back.
+        hits = [i for i in (text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            self.end = min(hits)
+            return self._send_up_to(self.end), True
+        held = max((k for s in self.stop for k in range(1, min(len(s), len(text) - self.sent + 1))
+                    if text.endswith(s[:k])), default=0)
+        return self._send_up_to(len(text) - held), False
+
+    def rest(self):
+        """What is left to send when the answer ends."""
+        return self._send_up_to(len(self.printed.getvalue()) if self.end is None else self.end)
+
+    def _send_up_to(self, end):
+        delta, self.sent = self.printed.getvalue()[self.sent:end], end
+        return delta
+
+
+# --- the scheduler: continuous batching --------------------------------------------------------
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it. The handler reads `events`: ("text", str) any number of
+    times, then ("end", finish_reason, usage) or ("error", message). `cancelled` is set by the handler
+    when its client went away; the scheduler drops the sequence before its next token."""
+    prompt_ids: list
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: list
+    generator: torch.Generator | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    generated: int = 0
+    output: TextOutput | None = None
+
+    def post(self, *event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class Scheduler:
+    """Owns the model and decodes the running sequences together, one token each per step."""
+
+    def __init__(self, model, tokenizer, stop_ids, max_batch_size, compile=False):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.cache = KVCache(model.config, max_batch_size, model.config.max_seq_len, self.device)
+        self.rows = []          # the sequences in rows 0..len-1 of the cache
+        self.next_ids = []      # each row's last token, the input of the next step
+        self.waiting = queue.Queue()
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
+        self.decode_step = model.compiled_decode_step() if compile else model
+        if compile:
+            self._compile_now()
+
+    def submit(self, sequence):
+        self.waiting.put(sequence)
+
+    def stats(self):
+        return {"running": len(self.rows), "waiting": self.waiting.qsize(), "finished": dict(self.finished)}
+
+    def run(self):
+        """The scheduler thread's loop (grad mode is per thread: no_grad must be set here)."""
+        with torch.no_grad():
+            while True:
+                self.iterate(block=True)
+
+    def iterate(self, block=False):
+        """Admit waiting requests into the free rows, then decode one token for every row. block: when no
+        row is running, sleep until a request comes."""
+        try:
+            while len(self.rows) < self.max_batch_size:
+                self._admit(self.waiting.get(block=block and not self.rows))
+        except queue.Empty:
+            pass
+        try:
+            if self.rows:
+                self.step()
+        except Exception:  # a bug must not take the server down with it: fail these requests
+            self._fail(list(self.rows))
+
+    def _admit(self, sequence):
+        """Prefill a new request on its own and, unless it ends at its first token, give it a row."""
+        if sequence.cancelled:
+            self._finish(sequence, "cancelled")
+            return
+        try:
+            prompt = torch.tensor([sequence.prompt_ids], dtype=torch.long, device=self.device)
+            cache = KVCache(self.model.config, 1, prompt.shape[1], self.device)
+            logits = self.model(prompt, cache=cache).logits[:, -1].float()
+            sequence.output = TextOutput(self.tokenizer, sequence.stop)
+            token = self._sample(sequence, logits)
+        except Exception:
+            self._fail([sequence])
+            return
+        if not self._emit(sequence, token):
+            self.cache.copy_row(len(self.rows), cache)
+            self.rows.append(sequence)
+            self.next_ids.append(token)
+
+    def step(self):
+        """One token for every running sequence; those that end, or whose client left, give up their row."""
+        self._drop([i for i, s in enumerate(self.rows) if s.cancelled], "cancelled")
+        if not self.rows:
+            return
+        n = len(self.rows)
+        input_ids = torch.tensor(self.next_ids, dtype=torch.long, device=self.device)[:, None]
+        logits = self.decode_step(input_ids, cache=self.cache.first_rows(n)).logits[:, -1].float()
+        ended = []
+        for i, sequence in enumerate(self.rows):
+            self.next_ids[i] = self._sample(sequence, logits[i:i + 1])
+            if self._emit(sequence, self.next_ids[i]):
+                ended.append(i)
+        self._drop(ended, None)
+
+    def _sample(self, sequence, logits):
+        return int(sample_next_token(logits, sequence.temperature, sequence.top_k, sequence.top_p,
+                                     sequence.generator)[0])
+
+    def _emit(self, sequence, token):
+        """Send the text `token` completes; True when the sequence has ended (its end event is posted)."""
+        sequence.generated += 1
+        if token in self.stop_ids:
+            self._finish(sequence, "stop")
+            return True
+        delta, stopped = sequence.output.add(token)
+        if delta:
+            sequence.post("text", delta)
+        if stopped or sequence.generated >= sequence.max_tokens:
+            self._finish(sequence, "stop" if stopped else "length")
+            return True
+        return False
+
+    def _finish(self, sequence, reason):
+        self.finished[reason] += 1
+        if reason in ("stop", "length"):
+            rest = sequence.output.rest()
+            if rest:
+                sequence.post("text", rest)
+            prompt_tokens = len(sequence.prompt_ids)
+            sequence.post("end", reason, {"prompt_tokens": prompt_tokens, "completion_tokens": sequence.generated,
+                                          "total_tokens": prompt_tokens + sequence.generated})
+
+    def _drop(self, indices, reason):
+        """Free these rows; the last row moves into each gap, so the rows in use stay the first ones."""
+        for i in sorted(indices, reverse=True):  # every row after i is still running
+            if reason:
+                self._finish(self.rows[i], reason)
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.copy_row(i, self.cache, last)
+                self.rows[i], self.next_ids[i] = self.rows[last], self.next_ids[last]
+            self.rows.pop()
+            self.next_ids.pop()
+
+    def _fail(self, sequences):
+        """End these sequences with an error (the traceback goes to the log); the others run on."""
+        traceback.print_exc()
+        for sequence in sequences:
+            self.finished["error"] += 1
+            sequence.post("error", "the server failed while generating; see its log")
+        kept = [i for i, s in enumerate(self.rows) if s not in sequences]
+        self.rows, self.next_ids = [self.rows[i] for i in kept], [self.next_ids[i] for i in kept]
+
+    def _compile_now(self):
+        """Compile the decoding step before the first request: for one row, then for two (from then on
+        the batch size is symbolic and 2..max_batch_size rows reuse it)."""
+        print("compiling the decoding step...", file=sys.stderr)
+        scratch = KVCache(self.model.config, 2, self.model.config.max_seq_len, self.device)
+        with torch.no_grad():
+            self.model(torch.zeros(2, 1, dtype=torch.long, device=self.device), cache=scratch)
+            for n in (1, 2):
+                self.decode_step(torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                                 cache=scratch.first_rows(n))
+
+
+# --- the HTTP API ------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def response(self):
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """The fields both endpoints share; others that OpenAI knows (penalties, logprobs...) are ignored."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and llama.cpp's extra field. 0: off
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator takes
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=1)  # one choice per request
+
+    def stop_strings(self):
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise APIError(400, f"'stop' takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
+        return stop
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int]
+
+
+def validation_error(exc):
+    """A FastAPI/pydantic validation error as an OpenAI error: the first problem, named by its field."""
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.")
+    if tuple(first["loc"]) == ("body",):
+        return APIError(400, f"The body of your request must be a JSON object ({first['msg']}).")
+    # loc: ("body", field, index, ...), and for a union the member tried last ("str", "list[int]"): dropped.
+    where = [str(part) for part in first["loc"][1:]
+             if not re.fullmatch(r"str|int|float|bool|(list|dict)\[.*\]", str(part))]
+    param = ".".join(where) or None
+    return APIError(400, f"Invalid '{param}': {first['msg']}" if param else first["msg"], param)
+
+
+def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
+    """The FastAPI app. `tokenizer` encodes prompts in the event loop: it must not be the scheduler's,
+    which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared)."""
+    app = FastAPI(title="Tiny-LLM", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        return validation_error(exc).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # a bug: still an answer in OpenAI's shape (the log has the traceback)
+        traceback.print_exception(exc)
+        return APIError(500, "the server failed on this request; see its log", type="server_error").response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    def check_key(request: Request):
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided." if given else
+                           "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    def sequence_for(body, prompt_ids, default_max_tokens, prompt_param):
+        """The scheduler's Sequence for a request; a prompt and answer longer than the context: error 400."""
+        room = max_seq_len - len(prompt_ids)
+        too_long = f"This model's maximum context length is {max_seq_len} tokens, and the prompt has {len(prompt_ids)}"
+        if room < 1:
+            raise APIError(400, f"{too_long}: no room is left for an answer. Please shorten the prompt.",
+                           prompt_param, "context_length_exceeded")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(default_max_tokens, room)
+        if max_tokens > room:
+            raise APIError(400, f"{too_long}: at most {room} tokens are left for the answer, not {max_tokens}. "
+                                f"Please reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded")
+        generator = None
+        if body.seed is not None:
+            generator = torch.Generator(scheduler.device).manual_seed(body.seed)
+        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
+        return Sequence(prompt_ids, max_tokens, temperature, body.top_k or None, body.top_p, body.stop_strings(),
+                        generator, asyncio.get_running_loop())
+
+    async def events(sequence):
+        """The sequence's events until its end; if the client goes away first, its row is freed."""
+        scheduler.submit(sequence)
+        try:
+            while True:
+                event = await sequence.events.get()
+                yield event
+                if event[0] != "text":
+                    return
+        finally:
+            sequence.cancelled = True  # read by the scheduler; a no-op once the sequence has ended
+
+    async def respond(body, sequence, kind):
+        """The whole answer as one JSON object, or (stream) server-sent events, in OpenAI's formats."""
+        chat = kind == "chat.completion"
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": model_name}
+
+        def choice(text, finish_reason, first=False):
+            if not chat:
+                return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            if not body.stream:
+                return {"index": 0, "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish_reason, "logprobs": None}
+            delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+        if not body.stream:
+            parts = []
+            async for event in events(sequence):
+                if event[0] == "text":
+                    parts.append(event[1])
+                elif event[0] == "error":
+                    raise APIError(500, event[1], type="server_error")
+                else:
+                    return {**base, "object": kind, "choices": [choice("".join(parts), event[1])],
+                            "usage": event[2]}
+
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def sse(payload):
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def stream():
+            if chat:
+                yield sse({**base, "object": chunk_kind, "choices": [choice("", None, first=True)]})
+            async for event in events(sequence):
+                if event[0] == "text":
+                    yield sse({**base, "object": chunk_kind, "choices": [choice(event[1], None)]})
+                elif event[0] == "error":
+                    yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
+                                         "code": None}})
+                else:
+                    yield sse({**base, "object": chunk_kind, "choices": [choice("", event[1])]})
+                    if include_usage:
+                        yield sse({**base, "object": chunk_kind, "choices": [], "usage": event[2]})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(CHAT_PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.stats()}
+
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tiny-llm",
+                  "max_model_len": max_seq_len}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server has '{model_name}'.", "model",
+                           "model_not_found")
+        return model_card
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        # Without max_tokens, an answer may fill the rest of the context (OpenAI's default).
+        return await respond(body, sequence_for(body, prompt_ids, max_seq_len, "messages"), "chat.completion")
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest):
+        if isinstance(body.prompt, str):
+            prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = body.prompt
+            if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
+                raise APIError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", "prompt")
+        if not prompt_ids:
+            raise APIError(400, "'prompt' is empty", "prompt")
+        return await respond(body, sequence_for(body, prompt_ids, 16, "prompt"), "text_completion")  # OpenAI's 16
+
+    return app
+
+
+def stop_token_ids(model_dir, tokenizer):
+    """The ids that end an answer: generation_config.json's eos ids (as transformers, vLLM and llama.cpp
+    stop), else the tokenizer's eos (<|im_end|>)."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        return [tokenizer.eos_token_id]
+    return eos if isinstance(eos, list) else [eos]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory written by train_model.py")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--api_key", default=None, help="clients must send 'Authorization: Bearer KEY'")
+    p.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together at most")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (compiled at start-up, before the first request)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import uvicorn
+    from transformers import AutoTokenizer
+    args = parse_args(argv)
+    if args.max_batch_size < 1:
+        sys.exit(f"error: --max_batch_size must be at least 1, not {args.max_batch_size}")
+    model, scheduler_tokenizer = load(args.model, args.device)
+    scheduler = Scheduler(model, scheduler_tokenizer, stop_token_ids(args.model, scheduler_tokenizer),
+                          args.max_batch_size, compile=args.compile)
+    threading.Thread(target=scheduler.run, name="scheduler", daemon=True).start()
+    model_name = os.path.basename(os.path.normpath(args.model))
+    app = create_app(scheduler, AutoTokenizer.from_pretrained(args.model), model_name, model.config.max_seq_len,
+                     args.api_key)
+    print(f"serving {model_name} ({model.num_params() / 1e6:.2f}M parameters, {model.config.max_seq_len} "
+          f"tokens of context) on http://{args.host}:{args.port}/ ; OpenAI API at "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
