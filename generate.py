@@ -50,7 +50,7 @@ def stop_ids(model_dir, tokenizer):
         eos = None
     if eos is None:
         eos = tokenizer.eos_token_id
-    return {eos} if isinstance(eos, int) else set(eos)
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def reply(model, tokenizer, messages, args, stops, stream=True):
@@ -61,31 +61,14 @@ def reply(model, tokenizer, messages, args, stops, stream=True):
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-class _Stop(Exception):
-    """Ends model.generate from its streamer: generate stops by itself at a single eos id, and a model's
-    generation config may list several (ours: <|im_end|> and <|endoftext|>)."""
-
-
 def complete(model, tokenizer, prompt_ids, args, stops, streamer=None):
     """New token ids after prompt_ids (a list): up to and including the first id in `stops`, or
     max_new_tokens of them."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new_ids = []
-
-    def take(token_ids):  # called by model.generate with each new token
-        new_ids.append(int(token_ids[0]))
-        if streamer is not None:
-            streamer(token_ids)
-        if new_ids[-1] in stops:
-            raise _Stop
-
-    try:
-        model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, streamer=take, compile=args.compile)
-    except _Stop:
-        pass
-    return new_ids
+    out = model.generate(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, eos_token_id=stops, streamer=streamer, compile=args.compile)
+    return out[0, len(prompt_ids):].tolist()
 
 
 def chat(model, tokenizer, args, stops):

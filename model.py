@@ -300,8 +300,9 @@ class Transformer(nn.Module):
                  eos_token_id=None, streamer=None, compile=False):
         """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
 
-        temperature 0 is greedy. Sequences that produced eos_token_id are padded with it until all
-        are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
+        temperature 0 is greedy. eos_token_id: an id or a list of ids (a model's generation_config may
+        list several) that end a sequence; a finished sequence is padded with the first of them until
+        all are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
         compile: run the one-token decoding steps through torch.compile (compiled on first use, then
         kept with the model); the prompt pass stays eager, as prompt lengths vary.
         """
@@ -314,6 +315,8 @@ class Transformer(nn.Module):
         tokens[:, :prompt_len] = input_ids
         cache = KVCache(self.config, batch, total, input_ids.device)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        if eos_token_id is not None:
+            eos = torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
         decode_step = self.compiled_decode_step() if compile else self
         next_input = input_ids
         for pos in range(prompt_len, total):
@@ -321,8 +324,8 @@ class Transformer(nn.Module):
             logits = step(next_input, cache=cache).logits[:, -1].float()
             next_token = sample_next_token(logits, temperature, top_k, top_p)
             if eos_token_id is not None:
-                next_token = torch.where(done, eos_token_id, next_token)
-                done |= next_token == eos_token_id
+                next_token = torch.where(done, eos[0], next_token)
+                done |= torch.isin(next_token, eos)
             tokens[:, pos] = next_token
             if streamer is not None:
                 streamer(next_token)

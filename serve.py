@@ -46,7 +46,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from generate import TextStreamer, load
+from generate import TextStreamer, load, stop_ids
 from model import KVCache, sample_next_token
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
@@ -482,19 +482,6 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     return app
 
 
-def stop_token_ids(model_dir, tokenizer):
-    """The ids that end an answer: generation_config.json's eos ids (as transformers, vLLM and llama.cpp
-    stop), else the tokenizer's eos (<|im_end|>)."""
-    from transformers import GenerationConfig
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        eos = None
-    if eos is None:
-        return [tokenizer.eos_token_id]
-    return eos if isinstance(eos, list) else [eos]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory written by train_model.py")
@@ -515,7 +502,7 @@ def main(argv=None):
     if args.max_batch_size < 1:
         sys.exit(f"error: --max_batch_size must be at least 1, not {args.max_batch_size}")
     model, scheduler_tokenizer = load(args.model, args.device)
-    scheduler = Scheduler(model, scheduler_tokenizer, stop_token_ids(args.model, scheduler_tokenizer),
+    scheduler = Scheduler(model, scheduler_tokenizer, stop_ids(args.model, scheduler_tokenizer),
                           args.max_batch_size, compile=args.compile)
     threading.Thread(target=scheduler.run, name="scheduler", daemon=True).start()
     model_name = os.path.basename(os.path.normpath(args.model))

@@ -144,6 +144,6 @@ def test_stop_ids_without_a_generation_config_are_the_tokenizers_eos(model_dir, 
     shutil.copytree(model_dir, plain)
     os.remove(plain / "generation_config.json")
     tokenizer = AutoTokenizer.from_pretrained(plain)
-    assert generate.stop_ids(str(plain), tokenizer) == {tokenizer.eos_token_id}
-    assert generate.stop_ids(model_dir, tokenizer) == {tokenizer.eos_token_id,
+    assert generate.stop_ids(str(plain), tokenizer) == [tokenizer.eos_token_id]
+    assert set(generate.stop_ids(model_dir, tokenizer)) == {tokenizer.eos_token_id,
                                                        tokenizer.convert_tokens_to_ids("<|endoftext|>")}
