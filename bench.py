@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -802,6 +803,89 @@ def bench_serving(args):
     return results
 
 
+# --- speedrun: time to quality (python bench.py --speedrun) --------------------------------------------
+
+# train.sh's demo pretraining: its model, data, batch and length. The recipes differ only in how they train.
+SPEEDRUN_ARGS = ["--dim", "256", "--n_layers", "4", "--n_heads", "8", "--n_kv_heads", "4", "--max_seq_len", "256",
+                 "--batch_size", "16", "--max_steps", "383", "--eval_interval", "50"]
+SPEEDRUN_QUICK_ARGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64",
+                       "--batch_size", "4", "--max_steps", "6", "--eval_interval", "2", "--eval_batches", "2"]
+RECIPES = {
+    "adamw-cosine": ["--learning_rate", "2e-3", "--warmup_iters", "30"],  # train.sh's demo before Muon and WSD
+    "muon-wsd": ["--optimizer", "muon", "--lr_schedule", "wsd", "--learning_rate", "2e-3", "--warmup_iters", "30"],
+}
+SPEEDRUN_GOALS = {"time_to_quality": 0.6, "final_bpb": 0.92}  # at most these ratios of the second to the first
+
+
+def time_to_reach(points, target):
+    """Seconds at which val_bpb first reaches target, interpolated linearly between the evaluations
+    (elapsed_s, val_bpb) around it; None if it never does."""
+    previous = (0.0, float("inf"))
+    for seconds, bpb in points:
+        if bpb <= target:
+            if previous[1] == float("inf"):
+                return seconds
+            return previous[0] + (seconds - previous[0]) * (previous[1] - target) / (previous[1] - bpb)
+        previous = (seconds, bpb)
+    return None
+
+
+def train_recipe(args, name, out_dir, log):
+    """Pretrain with one recipe in a process of its own; [(elapsed_s, val_bpb)] of its evaluations."""
+    import subprocess
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_model.py"),
+            "--data_path", args.data_path, "--tokenizer_path", args.tokenizer_path, "--out_dir", out_dir,
+            "--device", args.device, "--save_interval", "0", "--seed", str(args.seed),
+            *(SPEEDRUN_QUICK_ARGS if args.quick else SPEEDRUN_ARGS), *RECIPES[name]]
+    log(f"training {name}: {' '.join(argv[2:])}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["elapsed_s"], r["val_bpb"]) for r in records if "val_bpb" in r]
+
+
+def bench_speedrun(args):
+    """Two recipes, one after the other, on train.sh's demo pretraining: val_bpb against wall time, and each
+    recipe's time to the worse of the two final val_bpb (the quality both reach). Each run is timed alone (an idle machine gives honest
+    figures); its out_dir under --speedrun_dir is kept for report.py."""
+    names = args.speedrun.split(",")
+    assert len(names) == 2 and all(n in RECIPES for n in names), f"--speedrun takes two of {sorted(RECIPES)}"
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    points = {name: train_recipe(args, name, os.path.join(args.speedrun_dir, name), log) for name in names}
+    first, second = names
+    final = {name: p[-1][1] for name, p in points.items()}
+    seconds = {name: p[-1][0] for name, p in points.items()}
+    target = max(final.values())
+    results = {"machine": machine(torch.device(args.device)), "recipes": {n: RECIPES[n] for n in names},
+               "points": points, "final_bpb": final, "seconds": seconds, "target_bpb": target,
+               "time_to_target": {name: time_to_reach(p, target) for name, p in points.items()}}
+    reached = results["time_to_target"]
+    results["time_ratio"] = reached[second] / reached[first]
+    results["bpb_ratio"] = final[second] / final[first]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return results
+    m = results["machine"]
+    print(f"Tiny-LLM speedrun: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+          + ("" if m["load_average"] is None else f", load average {m['load_average']:.2f} at start"))
+    for name in names:
+        print(f"{name} ({' '.join(RECIPES[name])}): val_bpb against wall time: "
+              + ", ".join(f"{s:.0f} s {b:.4f}" for s, b in points[name]))
+    print(f"time to val_bpb {target:.4f} (the worse final one): {first} {reached[first]:.0f} s, {second} "
+          f"{reached[second]:.0f} s: {results['time_ratio']:.2f}x (goal <= {SPEEDRUN_GOALS['time_to_quality']}x)")
+    print(f"final val_bpb: {first} {final[first]:.4f}, {second} {final[second]:.4f}: "
+          f"{results['bpb_ratio']:.3f}x (goal <= {SPEEDRUN_GOALS['final_bpb']}x); plots: "
+          f"python report.py {' '.join(os.path.join(args.speedrun_dir, n) for n in names)}")
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -821,6 +905,11 @@ def parse_args(argv=None):
                    help="instead of the sections above, measure serve.py on this model (127.0.0.1 only): time "
                         "to first token, 8 streaming clients against 1, and a mixed load of requests")
     p.add_argument("--serve_requests", type=int, default=1000, help="requests of --serve's mixed load")
+    p.add_argument("--speedrun", default=None, metavar="RECIPE,RECIPE",
+                   help=f"instead of the sections above, pretrain the demo model with two recipes ({', '.join(RECIPES)}) "
+                        "one after the other and compare val_bpb against wall time (about 2 x 8 minutes on 2 "
+                        "idle cores; --quick: a tiny smoke run)")
+    p.add_argument("--speedrun_dir", default="runs/speedrun", help="where --speedrun's runs are kept")
     return p.parse_args(argv)
 
 
@@ -828,6 +917,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.serve:
         return bench_serving(args)
+    if args.speedrun:
+        return bench_speedrun(args)
     if args.compile is None:
         args.compile = not args.quick
     device = torch.device(args.device)
@@ -906,4 +997,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["errors"] else 0)
+    sys.exit(1 if main().get("errors") else 0)

@@ -185,3 +185,26 @@ def test_matmul_peak_waits_for_the_device_once_per_doubling_batch(monkeypatch):
     runs = CountMatmuls.calls - 1  # the warm-up
     assert flops > 0 and runs >= 2
     assert len(syncs) == 1 + math.ceil(math.log2(runs + 1))  # after the warm-up, then once per batch
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    points = [(10.0, 3.0), (20.0, 2.0), (30.0, 1.5)]
+    assert bench.time_to_reach(points, 2.5) == pytest.approx(15.0)  # halfway from 3.0 to 2.0
+    assert bench.time_to_reach(points, 2.0) == pytest.approx(20.0)
+    assert bench.time_to_reach(points, 3.5) == pytest.approx(10.0)  # already there at the first evaluation
+    assert bench.time_to_reach(points, 1.0) is None
+
+
+def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp_path, capsys):
+    results = bench.main(["--speedrun", "adamw-cosine,muon-wsd", "--quick", "--json", "--data_path", pretrain_file,
+                          "--tokenizer_path", TOKENIZER_DIR, "--speedrun_dir", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out)["final_bpb"] == results["final_bpb"]
+    for name in ("adamw-cosine", "muon-wsd"):
+        points = results["points"][name]
+        assert [len(p) for p in points] == [2, 2, 2]  # evaluations at steps 2, 4 and 6
+        assert all(b > 0 for _, b in points) and points[0][0] < points[-1][0]
+        assert (tmp_path / name / "model.safetensors").is_file()  # kept for report.py
+    target = max(results["final_bpb"].values())
+    assert results["target_bpb"] == target
+    times = results["time_to_target"]
+    assert results["time_ratio"] == pytest.approx(times["muon-wsd"] / times["adamw-cosine"])
