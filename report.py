@@ -101,6 +101,26 @@ def fmt(value, digits=4):
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
 
 
+def score_table(runs):
+    """Markdown rows: one per task and metric of the runs' eval.json, a column per run (value ± stderr)."""
+    evaluated = [run for run in runs if run["eval"]]
+    if not evaluated:
+        return []
+    cells, chance = {}, {}
+    for i, run in enumerate(evaluated):
+        for s in run["eval"]["scores"]:
+            key = (s["task"], s["metric"])
+            chance[key] = s["chance"]
+            stderr = f" ± {s['stderr']:.3f}" if s["stderr"] is not None else ""
+            cells.setdefault(key, ["-"] * len(evaluated))[i] = f"{s['value']:.3f}{stderr}"
+    names = [run["name"] + (" (chat)" if run["eval"].get("chat") else "") for run in evaluated]
+    rows = ["| task | metric | chance | " + " | ".join(names) + " |",
+            "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for (task, metric), values in cells.items():
+        rows.append(f"| {task} | {metric} | {fmt(chance[(task, metric)], 3)} | " + " | ".join(values) + " |")
+    return rows
+
+
 def write_report(runs, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     figures = [
@@ -123,15 +143,9 @@ def write_report(runs, out_dir):
                      f"{fmt(last(train + val, 'elapsed_s'), 0)} | {fmt(last(train, 'loss'))} | "
                      f"{fmt(last(val, 'val_loss'))} | {fmt(last(val, 'val_bpb'))} | "
                      f"{fmt(sum(throughput) / len(throughput) if throughput else None, 0)} |")
-    evaluated = [run for run in runs if run["eval"]]
-    if evaluated:
-        lines += ["", "## Evaluation (eval.py)", "", "| run | task | metric | value | stderr | n | chance |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-        for run in evaluated:
-            for s in run["eval"]["scores"]:
-                lines.append(f"| {run['name']}{' (chat)' if run['eval'].get('chat') else ''} | {s['task']} | "
-                             f"{s['metric']} | {fmt(s['value'])} | {fmt(s['stderr'])} | {s['n'] or '-'} | "
-                             f"{fmt(s['chance'])} |")
+    table = score_table(runs)
+    if table:
+        lines += ["", "## Evaluation (eval.py)", "", *table]
     lines.append("")
     for name, title, panels in figures:
         if plot(runs, panels, os.path.join(out_dir, name), title):
@@ -154,7 +168,9 @@ def main(argv=None):
         runs = [load_run(run_dir) for run_dir in args.run_dirs]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {write_report(runs, args.out_dir)}")
+    path = write_report(runs, args.out_dir)
+    print("\n".join(score_table(runs)))
+    print(f"wrote {path} and its plots")
 
 
 if __name__ == "__main__":

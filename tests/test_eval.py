@@ -14,16 +14,17 @@ from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_l
                       write_jsonl)
 
 TASKS_DIR = os.path.join(REPO, "tasks")
+CONTEXT = 128  # positions of the test model: the longest bundled item takes about 100 tokens
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    """A complete model directory (weights, tokenizer) of the tiny architecture with 64 positions."""
+    """A complete model directory (weights, tokenizer) of the tiny architecture with CONTEXT positions."""
     from model import Transformer
     from train_model import write_model_dir
     path = str(tmp_path_factory.mktemp("eval") / "model")
     torch.manual_seed(0)
-    model = Transformer(tiny_config(len(tokenizer), max_seq_len=64))
+    model = Transformer(tiny_config(len(tokenizer), max_seq_len=CONTEXT))
     write_model_dir(path, model, model.state_dict(), tokenizer)
     return path
 
@@ -134,11 +135,11 @@ def test_sft_val_bpb_equals_llama_for_causal_lm(tmp_path, tokenizer):
 # --- eval.py ---------------------------------------------------------------------------------------
 
 def test_data_path_bpb_equals_llama_for_causal_lm(tmp_path, model_dir, tokenizer):
-    """Each document scored on its own after <|endoftext|>; one longer than the 64-token context is
-    scored in windows of 64 predicted tokens. A bad line is skipped; the bytes are the texts' own."""
+    """Each document scored on its own after <|endoftext|>; one longer than the model's context is
+    scored in windows of CONTEXT predicted tokens. A bad line is skipped; the bytes are the texts' own."""
     from transformers import LlamaForCausalLM
     texts = [r["text"] for r in shipped_lines("pretrain_poetry.jsonl.gz", 12)]
-    texts.append("\n".join(texts[:3]))  # about 150 tokens: three windows
+    texts.append("\n".join(texts[:6]))  # about 300 tokens: three windows
     data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts] + ["{not json"])
     out = tmp_path / "results.json"
     assert run_eval(["--model", model_dir, "--data_path", data, "--json", out, "--batch_size", "4"]) is None
@@ -150,11 +151,11 @@ def test_data_path_bpb_equals_llama_for_causal_lm(tmp_path, model_dir, tokenizer
     nll = 0.0
     for text in texts:
         ids = [end_of_text] + tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Windows predict 64 tokens each; the last, shorter one sees as many earlier tokens as fit.
-        for start in range(1, len(ids), 64):
-            end = min(start + 64, len(ids))
-            nll += float(hf_nll(hf, ids[max(0, end - 65):end])[-(end - start):].sum())
-    assert len(tokenizer(texts[-1])["input_ids"]) > 128
+        # Windows predict CONTEXT tokens each; the last, shorter one sees as many earlier tokens as fit.
+        for start in range(1, len(ids), CONTEXT):
+            end = min(start + CONTEXT, len(ids))
+            nll += float(hf_nll(hf, ids[max(0, end - CONTEXT - 1):end])[-(end - start):].sum())
+    assert len(tokenizer(texts[-1])["input_ids"]) > 2 * CONTEXT
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert reported["bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
 
@@ -203,7 +204,9 @@ def test_bundled_tasks_are_big_enough_and_held_out():
         for item in items:
             if "choices" in item:
                 assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
-        if name == "poetry_next_line":
+        if name == "poetry_author":
+            lines = [line for item in items for line in item["poem"].split("\n")]
+        elif name == "poetry_next_line":
             lines = [item["choices"][item["label"]] for item in items]
         else:
             lines = [item["first_line"] for item in items]
