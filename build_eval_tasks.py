@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = ["pretrain_poetry.jsonl.gz", "sft_poetry.jsonl.gz", "sft_poetry_belle.jsonl.gz"]
 FIRST_HELD_OUT = 40_000  # documents [0, 40000) of the full corpus are in a shipped file or quoted by SFT
 NOT_AUTHORS = {"无名氏", "不详", ""}
-MAX_AUTHOR_POEM_LINES = 4  # poetry_author scores the whole poem four times: short poems keep it fast
+MAX_AUTHOR_POEM_LINES = 2  # poetry_author scores the whole poem four times: short poems keep it fast
 CLAUSE = re.compile(r"[^，。？！；、]+")
 
 
@@ -154,7 +154,7 @@ def main(argv=None):
                    help="the full pretraining corpus whose first 20,000 documents are data/pretrain_poetry")
     p.add_argument("--data_dir", default=os.path.join(REPO, "data"), help="the shipped training files")
     p.add_argument("--out_dir", default=os.path.join(REPO, "tasks"))
-    p.add_argument("--items", type=int, default=500, help="items per task")
+    p.add_argument("--items", type=int, default=400, help="items per task")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not os.path.isfile(args.corpus):

@@ -143,6 +143,12 @@ def check_arguments(args):
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         raise Fatal(f"no tokenizer in {args.tokenizer_path}; train one with `python tokenizer.py` "
                     "or pass --tokenizer_path")
+    if args.eval_tasks:
+        from eval import EvalError, task_manager_for
+        try:
+            task_manager_for(args.eval_tasks.split(","))  # unknown names stop the run now, not at step N
+        except EvalError as e:
+            raise Fatal(f"--eval_tasks: {e}")
 
 
 def training_mode(args):
