@@ -78,6 +78,12 @@ def make_lm(model_dir, device, batch_size):
         raise EvalError(f"{model_dir}: the tokenizer has no {END_OF_TEXT} token; "
                         "pass a directory written by train_model.py")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvalError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
     return HFLM(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
                 prefix_token_id=end_of_text)
 
@@ -152,8 +158,8 @@ def evaluate(lm, tasks, data_path=None, limit=None, chat=False):
 
 
 def scores(results):
-    """Rows (task, metric, value, stderr, n, chance) from lm-eval's results: every metric with a
-    standard error, bits per byte and perplexities (which have none or a bootstrap one)."""
+    """Rows {task, metric, value, stderr, n, chance} from lm-eval's results, one per task and metric;
+    stderr is None where lm-eval gives none, chance comes from the task's metadata."""
     rows = []
     for task, metrics in results["results"].items():
         config = results.get("configs", {}).get(task, {})

@@ -66,11 +66,14 @@ def plot(runs, panels, path, title):
                 ax.plot(xs, ys, marker="o" if kind == "val" else None, markersize=3, label=run["name"])
                 drawn = True
         ax.set_xlabel({"tokens": "tokens", "elapsed_s": "wall time (s)", "step": "step"}[x])
-        ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M tokens, not 1500000
+        if x == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter())  # 1.5 M tokens, not 1500000
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
+        else:  # e.g. wall time or val_bpb of a run logged before they were
+            ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     if drawn:
