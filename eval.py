@@ -151,6 +151,10 @@ def evaluate(lm, tasks, data_path=None, limit=None, chat=False):
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
                                        apply_chat_template=chat, log_samples=False, bootstrap_iters=1000)
+    except AssertionError:
+        # lm-eval asserts that every item fits the model's context.
+        raise EvalError(f"an item of {', '.join(names)} is longer than the model's context of {lm.max_length} "
+                        "tokens; evaluate a model with more positions (--max_seq_len 128 or more)")
     except ConnectionError as e:
         raise EvalError(f"a task's dataset is not in the Hugging Face cache and the Hub cannot be reached "
                         f"({' '.join(str(e).split())[:200]}); run once with a network, or set HF_HOME to "

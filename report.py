@@ -56,30 +56,28 @@ def series(records, x, y):
 
 
 def plot(runs, panels, path, title):
-    """One figure with a panel per (records key, x, y, label); every run is a line in every panel."""
+    """One figure with a panel per (records key, x, y, label) that some run has data for (a run logged
+    before wall time or val_bpb were has none); every run is a line in every panel."""
+    panels = [p for p in panels if any(series(run[p[0]], p[1], p[2])[0] for run in runs)]
+    if not panels:
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    drawn = False
     for ax, (kind, x, y, ylabel) in zip(axes[0], panels):
         for run in runs:
             xs, ys = series(run[kind], x, y)
             if xs:
                 ax.plot(xs, ys, marker="o" if kind == "val" else None, markersize=3, label=run["name"])
-                drawn = True
         ax.set_xlabel({"tokens": "tokens", "elapsed_s": "wall time (s)", "step": "step"}[x])
         if x == "tokens":
             ax.xaxis.set_major_formatter(EngFormatter())  # 1.5 M tokens, not 1500000
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:  # e.g. wall time or val_bpb of a run logged before they were
-            ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    if drawn:
-        fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return drawn
+    return True
 
 
 def score_keys(runs):
