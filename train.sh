@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tiny-LLM launcher.
-#   bash train.sh          the CPU demo: tokenizer -> pretraining -> SFT -> samples, in about 15 minutes
+#   bash train.sh          the CPU demo: tokenizer -> pretraining -> SFT -> samples -> evaluation and report,
+#                          in about 15 minutes
 #   bash train.sh gpu      the seed's 215M recipe (dim 1024, 18 layers, vocab 6144, seq 512) on GPUs;
 #                          download seq-monkey and BelleGroup first (see README), NGPUS=8 for 8 GPUs
 set -euo pipefail
@@ -29,6 +30,11 @@ if [ "$RECIPE" = demo ]; then
   echo "== summary"
   python generate.py --model $OUT/sft --eos_check data/sft_poetry.jsonl.gz --seed 1
   python generate.py --model $OUT/sft --eos_check data/sft_poetry.jsonl.gz --temperature 0
+  echo "== evaluation: the bundled poetry suite through lm-eval (base: multiple choice; chat model: all)"
+  python eval.py --model $OUT/base --tasks poetry_author,poetry_next_line --device cpu --json $OUT/base/eval.json
+  python eval.py --model $OUT/sft --chat --device cpu --json $OUT/sft/eval.json
+  echo "== report: scores of both models, and plots of both runs in $OUT/report/"
+  python report.py $OUT/base $OUT/sft --out_dir $OUT/report
   echo "models: $OUT/base (pretrained), $OUT/sft (chat); metrics: $OUT/*/metrics.jsonl"
   echo "chat yourself: python generate.py --model $OUT/sft --chat"
 elif [ "$RECIPE" = gpu ]; then

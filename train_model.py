@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--eval_interval", type=int, default=200)
     p.add_argument("--eval_batches", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--eval_tasks", default=None, metavar="TASKS",
+                   help="comma-separated lm-eval tasks (e.g. tiny_llm_poetry, see eval.py) scored at each "
+                        "evaluation and logged to metrics.jsonl; off by default")
     p.add_argument("--save_interval", type=int, default=1000, help="checkpoint every N steps; 0: never")
     p.add_argument("--save_total_limit", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=1337)
@@ -167,6 +171,12 @@ def check_arguments(args):
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         raise Fatal(f"no tokenizer in {args.tokenizer_path}; train one with `python tokenizer.py` "
                     "or pass --tokenizer_path")
+    if args.eval_tasks:
+        from eval import EvalError, task_manager_for
+        try:
+            task_manager_for(args.eval_tasks.split(","))  # unknown names stop the run now, not at step N
+        except EvalError as e:
+            raise Fatal(f"--eval_tasks: {e}")
 
 
 def training_mode(args):
@@ -404,12 +414,33 @@ def all_reduce_sum(values, device, world_size):
     return tensor.tolist()
 
 
+def token_byte_lengths(tokenizer):
+    """UTF-8 bytes of the text each token id stands for, 0 for special tokens: the denominator of
+    bits per byte, a loss that does not depend on the tokenizer.
+
+    Byte-level BPE writes each byte as one printable character (GPT-2's table); a token's bytes are its
+    characters mapped back. Decoding a token on its own would not do: a token that holds part of a
+    multi-byte character decodes to U+FFFD."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token, i in tokenizer.get_vocab().items():
+        if i not in special:
+            lengths[i] = sum(1 if c in byte_of else len(c.encode("utf-8")) for c in token)
+    return lengths
+
+
 @torch.no_grad()
-def evaluate(model, loader, args, device, autocast, world_size):
-    """Validation loss per token over up to --eval_batches batches on each rank, averaged over all
-    ranks; None when the validation split is empty (a file of under 200 lines has none)."""
+def evaluate(model, loader, args, device, autocast, world_size, token_bytes):
+    """Validation loss per token and bits per byte over up to --eval_batches batches on each rank, summed
+    over all ranks; (None, None) when the validation split is empty (a file of under 200 lines has none).
+
+    bits per byte = nll (nats) / (ln 2 * bytes) over the predicted tokens that stand for text; special
+    tokens (<|endoftext|>, <|im_end|>) have no bytes and are left out of both sums."""
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, text_loss_sum, text_bytes = 0.0, 0, 0.0, 0
+    token_bytes = token_bytes.to(device)
     batches = iter(loader)
     for _ in range(args.eval_batches):
         batch = next(batches, None)
@@ -421,13 +452,39 @@ def evaluate(model, loader, args, device, autocast, world_size):
             batch = {"input_ids": torch.zeros((1, 2), dtype=torch.long),
                      "labels": torch.full((1, 2), -100, dtype=torch.long)}
         input_ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        targets = batch["labels"][:, 1:].to(device, non_blocking=True)
         with autocast:
-            loss_sum += model(input_ids, labels=labels, num_items_in_batch=1).loss.item()
-        tokens += int((labels[:, 1:] != -100).sum())
+            logits = model(input_ids).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="none")
+        target_bytes = torch.where(targets != -100, token_bytes[targets.clamp(min=0)], 0).flatten()
+        loss_sum += nll.sum().item()
+        tokens += int((targets != -100).sum())
+        text_loss_sum += nll[target_bytes > 0].sum().item()
+        text_bytes += int(target_bytes.sum())
     model.train()
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device, world_size)
-    return loss_sum / tokens if tokens else None
+    loss_sum, tokens, text_loss_sum, text_bytes = all_reduce_sum(
+        [loss_sum, tokens, text_loss_sum, text_bytes], device, world_size)
+    if not tokens:
+        return None, None
+    return loss_sum / tokens, text_loss_sum / (math.log(2) * text_bytes) if text_bytes else None
+
+
+def task_scores(model, raw_model, optimizer, tokenizer, args, device, world_size, is_main):
+    """--eval_tasks: {"task/metric": value} from lm-eval for the model as it is now. Rank 0 saves it to a
+    temporary model directory and evaluates that with eval.py; the other ranks wait."""
+    state_dict = full_state(model, optimizer)[0] if world_size > 1 else raw_model.state_dict()
+    scores = {}
+    if is_main:
+        import tempfile
+        from eval import evaluate as evaluate_tasks, make_lm, scores as score_rows
+        with tempfile.TemporaryDirectory() as tmp:
+            write_model_dir(tmp, raw_model, state_dict, tokenizer)
+            results = evaluate_tasks(make_lm(tmp, str(device), args.batch_size), args.eval_tasks.split(","))
+        scores = {f"{row['task']}/{row['metric']}": round(row["value"], 6) for row in score_rows(results)}
+    if world_size > 1:
+        dist.barrier()
+    return scores
 
 
 def synchronize(device):
@@ -521,6 +578,11 @@ def train(args):
     if is_main:
         remove_debris(args.out_dir)
     logger = Logger(args, is_main, start_step, max_steps)
+    # Wall time of the run, continued across resumes: report.py plots the losses against it.
+    run_start = time.time() - (state.get("elapsed_s", 0.0) if state is not None else 0.0)
+
+    def elapsed():
+        return time.time() - run_start
     logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
                  f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
                  f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
@@ -537,7 +599,7 @@ def train(args):
             def write(tmp):
                 write_model_dir(tmp, raw_model, model_state, tokenizer)
                 torch.save({"step": step, "max_steps": max_steps, "samples_seen": samples_seen,
-                            "tokens_seen": tokens_seen,
+                            "tokens_seen": tokens_seen, "elapsed_s": elapsed(),
                             "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                             "args": vars(args)}, os.path.join(tmp, STATE_FILE))
             save_atomically(path, write)
@@ -550,11 +612,24 @@ def train(args):
             dist.barrier()  # nobody reads or resumes from a checkpoint that is still being written
         return os.path.join(args.out_dir, f"checkpoint-{step}")
 
+    token_bytes = token_byte_lengths(tokenizer)
+
     def validate(step):
-        val_loss = evaluate(model, val_loader, args, device, autocast, world_size)
+        val_loss, val_bpb = evaluate(model, val_loader, args, device, autocast, world_size, token_bytes)
+        record, message = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 1)}, []
         if val_loss is not None:
-            logger.log({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 3)})
-            logger.write(f"step {step}: val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+            record.update(val_loss=round(val_loss, 6), val_ppl=round(math.exp(val_loss), 3))
+            message.append(f"val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+        if val_bpb is not None:
+            record["val_bpb"] = round(val_bpb, 6)
+            message.append(f"bpb {val_bpb:.4f}")
+        if args.eval_tasks:
+            scores = task_scores(model, raw_model, optimizer, tokenizer, args, device, world_size, is_main)
+            record.update(scores)
+            message.append(", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if message:
+            logger.log(record)
+            logger.write(f"step {step}: " + ", ".join(message))
         return val_loss
 
     model.train()
@@ -639,6 +714,7 @@ def train(args):
             # MFU counts all positions (padding too): it measures the hardware, not the data.
             mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
             logger.log({"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens_seen,
+                        "elapsed_s": round(elapsed(), 1),
                         "tokens_per_sec": round(tokens_per_sec, 1),
                         "tokens_per_sec_per_device": round(tokens_per_sec / world_size, 1),
                         "mfu": round(mfu, 4), "grad_norm": round(float(grad_norm), 4)})

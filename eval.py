@@ -1,0 +1,216 @@
+"""Evaluate a Tiny-LLM checkpoint with EleutherAI's lm-evaluation-harness (the `lm_eval` package).
+
+    python eval.py --model runs/demo/base                       the bundled poetry suite (tasks/)
+    python eval.py --model runs/demo/sft --chat                 the same, prompts in the chat format
+    python eval.py --model runs/demo/base --data_path FILE      bits per byte on pretraining JSONL
+    python eval.py --model DIR --tasks cmmlu,ceval-valid,arc_easy,hellaswag     any lm-eval task
+
+A checkpoint is a Hugging Face Llama directory, so lm-eval's own `hf` model (HFLM) runs it and the numbers
+are those of the `lm_eval` command line with `--model hf` (tested): no second harness to trust. The price
+is that evaluation runs transformers' LlamaForCausalLM rather than model.py (the same logits, tested).
+
+Bits per byte (`--data_path`): every document is scored on its own, as `<|endoftext|>` followed by its
+tokens, the separator not predicted; documents longer than the model's context are scored in windows
+(lm-eval's rolling log-likelihood). bpb = -sum log-likelihood / (ln 2 * sum of the documents' UTF-8 bytes).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import sys
+
+from dataset import DataError, parse_text, read_jsonl
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+SUITE = "tiny_llm_poetry"  # the group of the bundled tasks (tasks/tiny_llm_poetry.yaml)
+END_OF_TEXT = "<|endoftext|>"
+DATA_TASK = "data_bpb"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory written by train_model.py")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated lm-eval task or group names (default: {SUITE}, the bundled suite; "
+                        "none with --data_path)")
+    p.add_argument("--data_path", default=None, metavar="FILE",
+                   help="pretraining-format JSONL (.jsonl or .jsonl.gz): report its bits per byte")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most this many items per task (a fraction below 1: that share of them)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to prompts (SFT models)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results, with standard errors")
+    return p.parse_args(argv)
+
+
+class EvalError(Exception):
+    """Bad input; main() prints it as one line."""
+
+
+def check_model_dir(model_dir):
+    """A directory written by train_model.py: HF Llama weights and a tokenizer with <|endoftext|>."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise EvalError(f"{model_dir} is not a Tiny-LLM model directory (no {name}); "
+                            "pass a directory written by train_model.py")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "llama":
+        raise EvalError(f"{model_dir}: model_type is {model_type!r}, not 'llama'; "
+                        "pass a directory written by train_model.py")
+
+
+def make_lm(model_dir, device, batch_size):
+    """lm-eval's HFLM on the checkpoint, with <|endoftext|> as the prefix of rolling log-likelihoods.
+
+    Our tokenizer declares no bos token, and HFLM would then prefix documents with the eos token
+    (<|im_end|>), which a base model never saw at the start of a document."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+    check_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if end_of_text is None or end_of_text == tokenizer.unk_token_id:
+        raise EvalError(f"{model_dir}: the tokenizer has no {END_OF_TEXT} token; "
+                        "pass a directory written by train_model.py")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvalError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    return HFLM(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
+                prefix_token_id=end_of_text)
+
+
+def data_task(path):
+    """An lm-eval task config: bits per byte on the documents of a pretraining JSONL file.
+
+    The file is read with the training code's reader (bad lines skipped and reported, DataError when no
+    line is valid), and lm-eval scores the documents through its rolling log-likelihood."""
+    from datasets import Dataset, DatasetDict
+    if not os.path.isfile(path):
+        raise EvalError(f"data file {path} does not exist; pass --data_path")
+    texts = [text for _, text in read_jsonl(path, parse_text, max_bad_fraction=1.0)]
+    return {
+        "task": DATA_TASK,
+        "custom_dataset": lambda **_: DatasetDict({"test": Dataset.from_dict({"text": texts})}),
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [{"metric": "bits_per_byte"}, {"metric": "byte_perplexity"}],
+        "metadata": {"version": 1.0, "data_path": path},
+    }
+
+
+def hub_reachable(timeout=3.0):
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline_unless_hub_reachable(names):
+    """With no network, a dataset missing from the cache costs a minute of retries before it fails;
+    offline mode fails at once. Hugging Face libraries read these variables when imported, so this
+    runs first."""
+    bundled = {os.path.splitext(name)[0] for name in os.listdir(TASKS_DIR) if name.endswith(".yaml")}
+    if any(name not in bundled for name in names) and not hub_reachable():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def task_manager_for(names):
+    """lm-eval's TaskManager with our tasks/ directory. Indexing lm-eval's own thousands of tasks takes
+    about 10 s on a small CPU, so it is done only when a name is not one of ours."""
+    from lm_eval.tasks import TaskManager
+    ours = TaskManager(include_path=TASKS_DIR, include_defaults=False)
+    if all(name in ours.task_index for name in names):
+        return ours
+    manager = TaskManager(include_path=TASKS_DIR)
+    unknown = [name for name in names if name not in manager.task_index]
+    if unknown:
+        raise EvalError(f"unknown task(s) {', '.join(unknown)}; see `lm_eval ls tasks` for lm-eval's names "
+                        f"and {TASKS_DIR} for the bundled ones")
+    return manager
+
+
+def evaluate(lm, tasks, data_path=None, limit=None, chat=False):
+    """lm-eval's results dict (simple_evaluate) for task names and, given data_path, its bits per byte."""
+    import lm_eval
+    names = [t for t in tasks if t]
+    manager = task_manager_for(names)
+    specs = names + ([data_task(data_path)] if data_path else [])
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
+                                       apply_chat_template=chat, log_samples=False, bootstrap_iters=1000)
+    except AssertionError:
+        # lm-eval asserts that every item fits the model's context.
+        raise EvalError(f"an item of {', '.join(names)} is longer than the model's context of {lm.max_length} "
+                        "tokens; evaluate a model with more positions (--max_seq_len 128 or more)")
+    except ConnectionError as e:
+        raise EvalError(f"a task's dataset is not in the Hugging Face cache and the Hub cannot be reached "
+                        f"({' '.join(str(e).split())[:200]}); run once with a network, or set HF_HOME to "
+                        "a cache that holds it")
+
+
+def scores(results):
+    """Rows {task, metric, value, stderr, n, chance} from lm-eval's results, one per task and metric;
+    stderr is None where lm-eval gives none, chance comes from the task's metadata."""
+    rows = []
+    for task, metrics in results["results"].items():
+        config = results.get("configs", {}).get(task, {})
+        chance = (config.get("metadata") or {}).get("chance")
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if (metric.endswith("_stderr") or metric in ("alias", "sample_len")
+                    or not isinstance(value, (int, float))):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({"task": task, "metric": metric, "value": value,
+                         "stderr": stderr if isinstance(stderr, (int, float)) else None, "n": n,
+                         "chance": chance})
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'task':<28} {'metric':<16} {'value':>8} {'stderr':>8} {'n':>6} {'chance':>7}"]
+    for r in rows:
+        stderr = f"{r['stderr']:.4f}" if r["stderr"] is not None and math.isfinite(r["stderr"]) else "-"
+        chance = f"{r['chance']:.4f}" if r["chance"] is not None else "-"
+        lines.append(f"{r['task']:<28} {r['metric']:<16} {r['value']:>8.4f} {stderr:>8} {r['n'] or '-':>6} "
+                     f"{chance:>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-request notes drown the table
+    tasks = args.tasks.split(",") if args.tasks is not None else ([] if args.data_path else [SUITE])
+    go_offline_unless_hub_reachable(tasks)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    try:
+        lm = make_lm(args.model, args.device, args.batch_size)
+        results = evaluate(lm, tasks, args.data_path, limit, args.chat)
+    except (EvalError, DataError) as e:
+        sys.exit(f"error: {e}")
+    rows = scores(results)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "chat": args.chat, "limit": args.limit, "scores": rows,
+                       "results": results["results"], "groups": results.get("groups", {}),
+                       "n-samples": results.get("n-samples", {}), "versions": results.get("versions", {})},
+                      f, indent=2, ensure_ascii=False, default=str)
+
+
+if __name__ == "__main__":
+    main()
