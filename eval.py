@@ -66,8 +66,9 @@ def check_model_dir(model_dir):
 def make_lm(model_dir, device, batch_size):
     """lm-eval's HFLM on the checkpoint, with <|endoftext|> as the prefix of rolling log-likelihoods.
 
-    Our tokenizer declares no bos token, and HFLM would then prefix documents with the eos token
-    (<|im_end|>), which a base model never saw at the start of a document."""
+    Our tokenizers declare <|endoftext|> as bos (tokenizer.py), which HFLM would take anyway; model
+    directories written before that declare none, and HFLM would then prefix documents with the eos
+    token (<|im_end|>), which a base model never saw at the start of a document. Naming it serves both."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer

@@ -470,10 +470,10 @@ def evaluate(model, loader, args, device, autocast, world_size, token_bytes):
     return loss_sum / tokens, text_loss_sum / (math.log(2) * text_bytes) if text_bytes else None
 
 
-def task_scores(model, raw_model, optimizer, tokenizer, args, device, world_size, is_main):
+def task_scores(model, raw_model, optimizers, tokenizer, args, device, world_size, is_main):
     """--eval_tasks: {"task/metric": value} from lm-eval for the model as it is now. Rank 0 saves it to a
     temporary model directory and evaluates that with eval.py; the other ranks wait."""
-    state_dict = full_state(model, optimizer)[0] if world_size > 1 else raw_model.state_dict()
+    state_dict = full_state(model, optimizers)[0] if world_size > 1 else raw_model.state_dict()
     scores = {}
     if is_main:
         import tempfile
@@ -624,7 +624,7 @@ def train(args):
             record["val_bpb"] = round(val_bpb, 6)
             message.append(f"bpb {val_bpb:.4f}")
         if args.eval_tasks:
-            scores = task_scores(model, raw_model, optimizer, tokenizer, args, device, world_size, is_main)
+            scores = task_scores(model, raw_model, optimizers, tokenizer, args, device, world_size, is_main)
             record.update(scores)
             message.append(", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if message:
