@@ -235,6 +235,12 @@ def make_optimizers(model, args, device):
     return optimizers
 
 
+def lr_at(step, peak, max_steps, args):
+    """The schedule of the run's arguments at step, for a peak learning rate."""
+    return get_lr(step, peak, args.warmup_iters, max_steps, args.lr_schedule, args.decay_fraction,
+                  args.decay_shape)
+
+
 def muon_learning_rate(args):
     return args.learning_rate if args.muon_learning_rate is None else args.muon_learning_rate
 
@@ -640,12 +646,11 @@ def train(args):
         step_start = time.perf_counter()
         # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
         torch.manual_seed(args.seed + 1_000_003 * step + rank)
-        lr = get_lr(step, args.learning_rate, args.warmup_iters, max_steps, args.lr_schedule,
-                    args.decay_fraction, args.decay_shape)
+        lr = lr_at(step, args.learning_rate, max_steps, args)
         for optimizer in optimizers:  # Muon's peak may differ from AdamW's; the schedule is the same
-            peak = muon_learning_rate(args) if isinstance(optimizer, torch.optim.Muon) else args.learning_rate
+            muon = isinstance(optimizer, torch.optim.Muon)
             for group in optimizer.param_groups:
-                group["lr"] = lr * peak / args.learning_rate
+                group["lr"] = lr_at(step, muon_learning_rate(args), max_steps, args) if muon else lr
         micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
                          if b is not None]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
