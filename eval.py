@@ -123,7 +123,8 @@ def go_offline_unless_hub_reachable(names):
     offline mode fails at once. Hugging Face libraries read these variables when imported, so this
     runs first."""
     bundled = {os.path.splitext(name)[0] for name in os.listdir(TASKS_DIR) if name.endswith(".yaml")}
-    if any(name not in bundled for name in names) and not hub_reachable():
+    already_offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if any(name not in bundled for name in names) and not already_offline and not hub_reachable():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

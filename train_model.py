@@ -354,14 +354,18 @@ def remove_debris(out_dir):
                 shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
+def full_model_state(model):
+    """The unsharded model state dict, on CPU, whether the model is plain, DDP or FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def full_state(model, optimizers):
-    """Unsharded model and optimizer state dicts, on CPU, whether the model is plain, DDP or FSDP (one
-    optimizer state dict for all the optimizers, keyed by parameter names)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    """Unsharded model and optimizer state dicts, on CPU (one optimizer state dict for all the
+    optimizers, keyed by parameter names)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizers, options=options))
+    return full_model_state(model), get_optimizer_state_dict(model, optimizers, options=options)
 
 
 def load_optimizer_state(model, optimizers, state):
@@ -476,10 +480,10 @@ def evaluate(model, loader, args, device, autocast, world_size, token_bytes):
     return loss_sum / tokens, text_loss_sum / (math.log(2) * text_bytes) if text_bytes else None
 
 
-def task_scores(model, raw_model, optimizers, tokenizer, args, device, world_size, is_main):
+def task_scores(model, raw_model, tokenizer, args, device, world_size, is_main):
     """--eval_tasks: {"task/metric": value} from lm-eval for the model as it is now. Rank 0 saves it to a
     temporary model directory and evaluates that with eval.py; the other ranks wait."""
-    state_dict = full_state(model, optimizers)[0] if world_size > 1 else raw_model.state_dict()
+    state_dict = full_model_state(model) if world_size > 1 else raw_model.state_dict()
     scores = {}
     if is_main:
         import tempfile
@@ -630,7 +634,7 @@ def train(args):
             record["val_bpb"] = round(val_bpb, 6)
             message.append(f"bpb {val_bpb:.4f}")
         if args.eval_tasks:
-            scores = task_scores(model, raw_model, optimizers, tokenizer, args, device, world_size, is_main)
+            scores = task_scores(model, raw_model, tokenizer, args, device, world_size, is_main)
             record.update(scores)
             message.append(", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if message:
@@ -648,9 +652,10 @@ def train(args):
         torch.manual_seed(args.seed + 1_000_003 * step + rank)
         lr = lr_at(step, args.learning_rate, max_steps, args)
         for optimizer in optimizers:  # Muon's peak may differ from AdamW's; the schedule is the same
-            muon = isinstance(optimizer, torch.optim.Muon)
+            optimizer_lr = lr_at(step, muon_learning_rate(args), max_steps, args) \
+                if isinstance(optimizer, torch.optim.Muon) else lr
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, muon_learning_rate(args), max_steps, args) if muon else lr
+                group["lr"] = optimizer_lr
         micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
                          if b is not None]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -735,7 +740,7 @@ def train(args):
 
     if step > start_step and step % args.eval_interval != 0:
         val_loss = validate(step)
-    model_state, _ = full_state(model, optimizers) if world_size > 1 else (raw_model.state_dict(), None)
+    model_state = full_model_state(model) if world_size > 1 else raw_model.state_dict()
     if is_main:
         save_final_model(args.out_dir, raw_model, model_state, tokenizer)
     if world_size > 1:
