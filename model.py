@@ -261,8 +261,13 @@ class Transformer(nn.Module):
         matmul_weights = self.num_params() - c.dim * (2 * c.n_layers + 1)  # all but the norms
         return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
 
-    def forward(self, input_ids, labels=None, cache=None, num_items_in_batch=None):
+    def forward(self, input_ids, labels=None, cache=None, num_items_in_batch=None, input_lengths=None):
         """labels are aligned with input_ids (-100: no loss) and shifted here, as in HF.
+
+        input_lengths (batch,), with a cache: the rows are right-padded prompts of these lengths, prefilled
+        together (a server admitting several requests at once). Each row's cache keeps its real tokens
+        only (the pads' keys lie past its length, where the mask hides them and the next tokens overwrite
+        them) and the logits are those of its last real token. A real token never sees a pad: they come after it.
 
         The loss is the mean over this batch's labelled tokens, or, given num_items_in_batch (as in HF),
         their sum divided by it: under gradient accumulation that weights every token of the optimizer
@@ -281,14 +286,16 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             # (batch, 1, seq, cache length): each new token sees its row's cache up to its own position.
             mask = (torch.arange(cache.max_len, device=input_ids.device) <= positions[..., None]).unsqueeze(1)
-            cache.length += seq
+            cache.length += seq if input_lengths is None else input_lengths
         h = self.dropout(self.tok_embeddings(input_ids))
         for layer in self.layers:
             h = layer(h, cos, sin, cache, positions, mask)
         h = self.norm(h)
         if labels is None:
             # Generation needs only the last position's distribution: skip the other lm_head rows.
-            return SimpleNamespace(logits=self.output(h[:, -1:] if cache is not None else h), loss=None)
+            if cache is not None:
+                h = h[:, -1:] if input_lengths is None else h[torch.arange(len(h)), input_lengths - 1].unsqueeze(1)
+            return SimpleNamespace(logits=self.output(h), loss=None)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
         loss = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.output.weight, targets,
                                         torch.is_grad_enabled())

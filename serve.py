@@ -12,10 +12,11 @@ Endpoints (the subset of OpenAI's API that the official `openai` client needs fo
 
 How it works. One scheduler thread owns the model; the HTTP handlers (FastAPI on uvicorn, asyncio)
 validate and tokenize a request, put it on the scheduler's queue and read its text back from an asyncio
-queue. Between two decoding steps the scheduler takes new requests: it runs each prompt on its own (batch
-1, since prompt lengths differ) into a cache of its own, samples the first token and copies the keys and
-values into a free row of the batch's KVCache. Then one forward pass decodes every row, each sequence at
-its own position: continuous batching, as vLLM and TGI do it. A request never waits for another to
+queue. Between two decoding steps the scheduler takes the requests that came meanwhile: it runs their
+prompts together (right-padded, one forward pass) into a cache of their own, samples each first token and
+copies each prompt's keys and values into a free row of the batch's KVCache. Then one forward pass decodes
+every row, each sequence at its own position: continuous batching, as vLLM and TGI do it. Rows that
+sample alike are sampled in one call (a short answer is a few tokens: per-row work adds up). A request never waits for another to
 finish, only for a free row when --max_batch_size rows are taken. A finished or abandoned request frees
 its row at once (the last row moves into the gap, so the rows in use are always the first ones).
 
@@ -104,6 +105,7 @@ class Sequence:
     generator: torch.Generator | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ignore_eos: bool = False
     cancelled: bool = False
     generated: int = 0
     output: TextOutput | None = None
@@ -146,35 +148,51 @@ class Scheduler:
     def iterate(self, block=False):
         """Admit waiting requests into the free rows, then decode one token for every row. block: when no
         row is running, sleep until a request comes."""
+        arrived = []
         try:
-            while len(self.rows) < self.max_batch_size:
-                self._admit(self.waiting.get(block=block and not self.rows))
+            while len(self.rows) + len(arrived) < self.max_batch_size:
+                arrived.append(self.waiting.get(block=block and not self.rows and not arrived))
         except queue.Empty:
             pass
+        if arrived:
+            self._admit(arrived)
         try:
             if self.rows:
                 self.step()
         except Exception:  # a bug must not take the server down with it: fail these requests
             self._fail(list(self.rows))
 
-    def _admit(self, sequence):
-        """Prefill a new request on its own and, unless it ends at its first token, give it a row."""
-        if sequence.cancelled:
+    def _admit(self, sequences):
+        """Prefill the new requests' prompts together (right-padded, one forward pass) and give a row to
+        each that does not end at its first token. If that fails, each is tried alone, so that one bad
+        request fails on its own."""
+        for sequence in [s for s in sequences if s.cancelled]:
             self._finish(sequence, "cancelled")
+        sequences = [s for s in sequences if not s.cancelled]
+        if not sequences:
             return
         try:
-            prompt = torch.tensor([sequence.prompt_ids], dtype=torch.long, device=self.device)
-            cache = KVCache(self.model.config, 1, prompt.shape[1], self.device)
-            logits = self.model(prompt, cache=cache).logits[:, -1].float()
-            sequence.output = TextOutput(self.tokenizer, sequence.stop)
-            token = self._sample(sequence, logits)
+            lengths = [len(s.prompt_ids) for s in sequences]
+            prompts = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=self.device)
+            for row, sequence in enumerate(sequences):
+                prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+                sequence.output = TextOutput(self.tokenizer, sequence.stop)
+            cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
+            lengths = torch.tensor(lengths, device=self.device)
+            logits = self.model(prompts, cache=cache, input_lengths=lengths).logits[:, -1].float()
+            tokens = self._sample(sequences, logits)
         except Exception:
-            self._fail([sequence])
+            if len(sequences) > 1:
+                for sequence in sequences:
+                    self._admit([sequence])
+            else:
+                self._fail(sequences)
             return
-        if not self._emit(sequence, token):
-            self.cache.copy_row(len(self.rows), cache)
-            self.rows.append(sequence)
-            self.next_ids.append(token)
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
+            if not self._emit(sequence, token):
+                self.cache.copy_row(len(self.rows), cache, row)
+                self.rows.append(sequence)
+                self.next_ids.append(token)
 
     def step(self):
         """One token for every running sequence; those that end, or whose client left, give up their row."""
@@ -184,21 +202,30 @@ class Scheduler:
         n = len(self.rows)
         input_ids = torch.tensor(self.next_ids, dtype=torch.long, device=self.device)[:, None]
         logits = self.decode_step(input_ids, cache=self.cache.first_rows(n)).logits[:, -1].float()
-        ended = []
-        for i, sequence in enumerate(self.rows):
-            self.next_ids[i] = self._sample(sequence, logits[i:i + 1])
-            if self._emit(sequence, self.next_ids[i]):
-                ended.append(i)
-        self._drop(ended, None)
+        self.next_ids = self._sample(self.rows, logits)
+        self._drop([i for i, (sequence, token) in enumerate(zip(self.rows, self.next_ids))
+                    if self._emit(sequence, token)], None)
 
-    def _sample(self, sequence, logits):
-        return int(sample_next_token(logits, sequence.temperature, sequence.top_k, sequence.top_p,
-                                     sequence.generator)[0])
+    @staticmethod
+    def _sample(sequences, logits):
+        """The next token of each sequence (row of logits). Rows that sample alike (same settings, no seed
+        of their own) are sampled in one call; a seeded request draws from its own generator."""
+        tokens = [None] * len(sequences)
+        groups = {}
+        for row, s in enumerate(sequences):
+            key = (s.temperature, s.top_k, s.top_p) if s.generator is None else ("seeded", row)
+            groups.setdefault(key, []).append(row)
+        for rows in groups.values():
+            s = sequences[rows[0]]
+            picked = sample_next_token(logits[rows], s.temperature, s.top_k, s.top_p, s.generator)
+            for row, token in zip(rows, picked.tolist()):
+                tokens[row] = token
+        return tokens
 
     def _emit(self, sequence, token):
         """Send the text `token` completes; True when the sequence has ended (its end event is posted)."""
         sequence.generated += 1
-        if token in self.stop_ids:
+        if token in self.stop_ids and not sequence.ignore_eos:
             self._finish(sequence, "stop")
             return True
         delta, stopped = sequence.output.add(token)
@@ -290,6 +317,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM's and llama.cpp's extra field. 0: off
+    ignore_eos: bool = False  # vLLM's extra field: answers run to max_tokens (fixed-length benchmarks)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator takes
     stream: bool | None = False
@@ -373,7 +401,7 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
             generator = torch.Generator(scheduler.device).manual_seed(body.seed)
         temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
         return Sequence(prompt_ids, max_tokens, temperature, body.top_k or None, body.top_p, body.stop_strings(),
-                        generator, asyncio.get_running_loop())
+                        generator, asyncio.get_running_loop(), ignore_eos=body.ignore_eos)
 
     async def events(sequence):
         """The sequence's events until its end; if the client goes away first, its row is freed."""

@@ -321,6 +321,34 @@ def test_batched_decoding_equals_decoding_alone(tokenizer, tmp_path):
                                   "error": 0}
 
 
+def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer):
+    """ignore_eos (vLLM's extra field, for fixed-length benchmarks): the answer goes on through the token
+    that ends the same request without it, to max_tokens, with the tokens greedy decoding gives."""
+    import asyncio
+    from model import Transformer
+    from serve import Scheduler, Sequence
+    from test_model import train_a_little
+    torch.manual_seed(1234)
+    model = train_a_little(Transformer(tiny_config(len(tokenizer)))).eval()
+    prompt = [5, 6, 7, 8]
+    greedy = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
+    eos = greedy[3]
+    assert eos not in greedy[:3]
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tokenizer, stop_ids=[eos], max_batch_size=2)
+    stopping, ignoring = (Sequence(prompt, 12, 0.0, None, None, [], None, loop, ignore_eos=flag)
+                          for flag in (False, True))
+    with torch.no_grad():
+        scheduler.submit(stopping)
+        scheduler.submit(ignoring)
+        for _ in range(14):
+            scheduler.iterate()
+    loop.close()
+    assert stopping.output.streamer.ids == greedy[:3] and stopping.generated == 4
+    assert ignoring.output.streamer.ids == greedy and ignoring.generated == 12
+    assert scheduler.finished == {"stop": 1, "length": 1, "cancelled": 0, "error": 0}
+
+
 def test_bench_load_every_valid_request_answered_every_malformed_one_refused(served):
     """bench.py --serve's mixed load, small: valid requests answered in full, malformed ones a 4xx JSON
     error; the server ends idle (its speed figures are measured here, not asserted)."""
