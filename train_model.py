@@ -3,6 +3,8 @@
     python train_model.py --data_path data/pretrain_poetry.jsonl.gz --out_dir base_model
     python train_model.py --data_path data/sft_poetry.jsonl.gz --init_from base_model --out_dir sft_model
     torchrun --nproc_per_node 8 train_model.py ...   (DDP; add --fsdp to shard the model)
+    python train_model.py --data_path corpus/ --token_cache corpus.bin --num_workers 4 ...
+                                                      (shards: .jsonl, .jsonl.gz, .parquet; globs work too)
 
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
@@ -196,7 +198,8 @@ def check_arguments(args):
 def training_mode(args):
     if args.mode != "auto":
         return args.mode
-    return "sft" if any("sft" in os.path.basename(os.path.normpath(path)).lower() for path in args.data_path) else "pretrain"
+    names = [os.path.basename(os.path.normpath(path)).lower() for path in args.data_path]
+    return "sft" if any("sft" in name for name in names) else "pretrain"
 
 
 def build_model(args, tokenizer, resume_dir):
