@@ -621,7 +621,8 @@ def test_pretraining_memory_does_not_grow_with_the_corpus(tmp_path, layout):
         else:
             os.remove(big)
     print(f"\npeak memory of the process tree, 40 steps, --num_workers 2: 20 MB corpus RSS {small_rss / MB:.0f} MB "
-          f"(PSS {small_pss / MB:.0f} MB); 2 GB corpus ({layout}) RSS {big_rss / MB:.0f} MB (PSS {big_pss / MB:.0f} MB)")
+          f"(PSS {small_pss / MB:.0f} MB); 2 GB corpus ({layout}) RSS {big_rss / MB:.0f} MB "
+          f"(PSS {big_pss / MB:.0f} MB)")
     # Summed RSS counts the pages the forked workers share with the main process (torch itself) three
     # times; PSS splits them, so it is the tree's real footprint.
     assert big_pss < 2 * GB and big_rss < 2.5 * GB
