@@ -347,6 +347,29 @@ def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, sig
     assert sorted(step_losses(r["out"])) == list(range(1, SIGNAL_STEPS + 1))
 
 
+def test_a_job_script_stops_after_a_signalled_run(tmp_path, pretrain_file):
+    """train.sh runs its steps under `set -e`, as job scripts do: a training stopped by SIGTERM (sent to it
+    alone, as `timeout` does) exits 143, so the script stops there instead of going on to its next step."""
+    import psutil
+    import shlex
+    out = tmp_path / "out"
+    argv = [str(a) for a in train_argv(pretrain_file, out, "--max_steps", "200", "--save_interval", "0")]
+    script = f"set -euo pipefail\n{shlex.join([sys.executable, 'train_model.py', *argv])}\necho NEXT STEP\n"
+    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: logged_steps(out) >= 2, 300, proc, "step 2")
+        training, = [p for p in psutil.Process(proc.pid).children() if "train_model.py" in p.cmdline()]
+        training.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, f"{proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert "resume with:" in stdout and "NEXT STEP" not in stdout, stdout
+
+
 def test_printed_resume_command_survives_the_shell(tmp_path, pretrain_file, monkeypatch, capsys):
     """The resume command is printed to be pasted into a shell: paths with spaces must stay one argument."""
     import shlex
