@@ -14,7 +14,9 @@ Five sections, each a figure of ours against a peer's, with a goal:
   3. greedy generation tokens/s: our KV-cache generate (eager, and with its decoding step compiled)
      against HF generate and against recomputing the whole context at every step; all must produce
      the same tokens.
-  4. data preparation: JSONL to token ids through PretrainDataset, against the training tokens/s.
+  4. data preparation: JSONL to token ids through PretrainDataset, against the training tokens/s; the
+     token cache built by 1 and 2 worker processes, and the loader reading it, against the 300k tokens/s
+     the 215M recipe trains at on one H200 (how many cores keep such a GPU fed).
   5. MFU of the training step against the measured matmul peak of the device.
 Sections 1 and 3 also time the model's weight matmuls alone, in the order the step runs them, and print
 the ceiling they set: how much faster than HF any implementation could be if everything but those
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import PretrainDataset, collate, open_binary, parse_text, read_jsonl
+from dataset import PretrainDataset, build_token_cache, cache_dtype, collate, open_binary, parse_text, read_records
 from model import ModelConfig, Transformer
 from train_model import make_optimizers, measure_matmul_flops, synchronize
 
@@ -63,15 +65,16 @@ CONFIGS = {
 SIZES = {
     "full": dict(batch_size=8, train_seq_len=None, pack_len=512, prompt_len=16, new_tokens=256,
                  train_rounds=(3, 15), train_budget_s=40, pack_rounds=(2, 6), pack_budget_s=20,
-                 gen_rounds=(1, 5), gen_budget_s=45),
+                 gen_rounds=(1, 5), gen_budget_s=45, cache_rounds=2),
     "quick": dict(batch_size=2, train_seq_len=64, pack_len=128, prompt_len=8, new_tokens=32,
                   train_rounds=(1, 2), train_budget_s=2, pack_rounds=(1, 1), pack_budget_s=1,
-                  gen_rounds=(1, 1), gen_budget_s=1),
+                  gen_rounds=(1, 1), gen_budget_s=1, cache_rounds=1),
 }
 GOALS = {  # minimum ratio of ours to the peer's
     "train_eager": 1.0, "train_compiled": 1.2, "muon_vs_adamw": 1 / 1.15, "useful_tokens": 4.0, "gen_vs_hf": 2.0,
-    "gen_vs_recompute": 5.0, "data_vs_train": 20.0,
+    "gen_vs_recompute": 5.0, "data_vs_train": 20.0, "cache_2_workers": 1.7, "loader_vs_h200": 1.0,
 }
+H200_TOKENS_PER_S = 300_000  # the 215M recipe on one H200 at about 40% MFU: what the data path must feed
 
 
 # --- timing ----------------------------------------------------------------------------------------
@@ -190,8 +193,8 @@ def packed_batches(data_path, tokenizer, max_len, batch_size):
 
 def training_texts(data_path, val_every=200):
     """The documents PretrainDataset trains on: all lines but every val_every-th (its validation)."""
-    return (text for _, text in read_jsonl(data_path, parse_text, keep=lambda n: n % val_every != 0,
-                                           report_after=None))
+    return (text for _, text in read_records(data_path, parse_text, keep=lambda n: n % val_every != 0,
+                                             report_after=None))
 
 
 def padded_batches(texts, tokenizer, max_len, batch_size):
@@ -452,7 +455,52 @@ def bench_data(args, sizes, tokenizer, train_tokens_per_s, log):
     tokens_per_s = blocks * sizes["pack_len"] / seconds
     return {"bytes": size, "seconds": seconds, "blocks": blocks, "mb_per_s": size / 1e6 / seconds,
             "tokens_per_s": tokens_per_s, "train_tokens_per_s": train_tokens_per_s,
-            "ratio": None if train_tokens_per_s is None else tokens_per_s / train_tokens_per_s}
+            "ratio": None if train_tokens_per_s is None else tokens_per_s / train_tokens_per_s,
+            **bench_token_cache(args, sizes, tokenizer, log)}
+
+
+def bench_token_cache(args, sizes, tokenizer, log):
+    """The token cache: its build with 1 and 2 worker processes, in alternating rounds (the wall time of
+    each build's fastest round; per core, the CPU time of the 1-worker build's worker, which a busy machine
+    does not change), and the training loader reading it (one process, no workers, its CPU time)."""
+    import resource
+    from torch.utils.data import DataLoader
+    with tempfile.TemporaryDirectory() as tmp:
+        def build(workers):
+            path = os.path.join(tmp, f"tokens{workers}.bin")
+            for leftover in (path, path + ".json"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            with contextlib.redirect_stdout(sys.stderr):  # its summary line must not break --json
+                build_token_cache(PretrainDataset(args.data_path, tokenizer, sizes["pack_len"]), path,
+                                  num_workers=workers)
+            return path
+        log("building the token cache with 1 and 2 worker processes")
+        seconds, worker_cpu = {1: [], 2: []}, []
+        for _ in range(sizes["cache_rounds"]):
+            for workers in (1, 2):
+                start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+                path = build(workers)
+                seconds[workers].append(time.perf_counter() - start)
+                if workers == 1:  # the pool's worker has been reaped: its CPU time is counted
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    worker_cpu.append(after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
+        tokens = os.path.getsize(path) // cache_dtype(tokenizer)(0).itemsize
+        log("reading the token cache through the training loader")
+        dataset = PretrainDataset(args.data_path, tokenizer, sizes["pack_len"], token_cache=path,
+                                  batch_size=sizes["batch_size"])
+        loader = DataLoader(dataset, batch_size=sizes["batch_size"],
+                            collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+        start = time.process_time()  # one process: its CPU time is its time on one core
+        read = sum(batch["input_ids"].numel() for batch in loader)
+        loader_per_s = read / max(time.process_time() - start, 1e-9)
+    build_per_s = {w: tokens / min(s) for w, s in seconds.items()}
+    per_core = tokens / max(min(worker_cpu), 1e-9)
+    return {"cache_tokens": tokens, "cache_build_tokens_per_s": build_per_s, "cache_build_tokens_per_core_s": per_core,
+            "cache_2_workers_ratio": build_per_s[2] / build_per_s[1], "loader_tokens_per_s": loader_per_s,
+            # Cores that keep the 215M recipe on one H200 fed: tokenizing live (streaming) or reading the cache.
+            "h200_cores_streaming": H200_TOKENS_PER_S / per_core,
+            "h200_cores_cache": H200_TOKENS_PER_S / loader_per_s}
 
 
 def mfu(train):
@@ -561,12 +609,21 @@ def generation_notes(g):
 def data_rows(d):
     return [row("4 data prep", "tokenize vs train (ours)", "tok/s", d["tokens_per_s"], d["train_tokens_per_s"],
                 d["ratio"], GOALS["data_vs_train"]),
-            row("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None)]
+            row("4 data prep", "JSONL throughput", "MB/s", d["mb_per_s"], None, None),
+            row("4 data prep", "cache build per core (CPU time)", "tok/s", d["cache_build_tokens_per_core_s"],
+                None, None),
+            row("4 data prep", "cache build: 2 workers vs 1", "tok/s", d["cache_build_tokens_per_s"][2],
+                d["cache_build_tokens_per_s"][1], d["cache_2_workers_ratio"], GOALS["cache_2_workers"]),
+            row("4 data prep", "cache loader vs 1 H200 (215M)", "tok/s", d["loader_tokens_per_s"],
+                H200_TOKENS_PER_S, d["loader_tokens_per_s"] / H200_TOKENS_PER_S, GOALS["loader_vs_h200"])]
 
 
 def data_notes(d):
     return [f"4: {d['bytes'] / 1e6:.2f} MB of JSONL -> {d['blocks']} blocks in {d['seconds']:.2f} s "
-            f"(wall time, one pass); peer: our eager training tokens/s of section 1"]
+            f"(wall time, one pass); peer: our eager training tokens/s of section 1",
+            f"4: token cache of {d['cache_tokens']:,} tokens; the loader reads it on one core (CPU time); "
+            f"the 215M recipe on one H200 ({H200_TOKENS_PER_S:,} tok/s) needs "
+            f"{d['h200_cores_streaming']:.1f} cores tokenizing live, {d['h200_cores_cache']:.2f} reading the cache"]
 
 
 def plural(n, word):

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from dataset import DataError, parse_text, read_jsonl
+from dataset import DataError, parse_text, read_records
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 SUITE = "tiny_llm_poetry"  # the group of the bundled tasks (tasks/tiny_llm_poetry.yaml)
@@ -97,7 +97,7 @@ def data_task(path):
     from datasets import Dataset, DatasetDict
     if not os.path.isfile(path):
         raise EvalError(f"data file {path} does not exist; pass --data_path")
-    texts = [text for _, text in read_jsonl(path, parse_text, max_bad_fraction=1.0)]
+    texts = [text for _, text in read_records(path, parse_text, max_bad_fraction=1.0)]
     return {
         "task": DATA_TASK,
         "custom_dataset": lambda **_: DatasetDict({"test": Dataset.from_dict({"text": texts})}),

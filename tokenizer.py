@@ -6,13 +6,12 @@ any size trains in bounded memory.
 """
 import argparse
 import math
-import os
 import sys
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dataset import DataError, parse_texts, read_jsonl, text_bytes
+from dataset import DataError, data_files, parse_texts, read_records, text_bytes
 
 END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining; also the bos token (see below)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eos token
@@ -33,17 +32,17 @@ CHAT_TEMPLATE = (
 
 
 def sample_texts(paths, max_train_bytes):
-    """Yield texts from JSONL files, keeping every k-th line so that about max_train_bytes are used."""
-    total = sum(text_bytes(p) for p in paths)
+    """Yield texts from the corpus (see dataset.data_files), keeping every k-th row so that about
+    max_train_bytes are used."""
+    total = sum(text_bytes(p) for p in data_files(paths))
     stride = max(1, math.ceil(total / max_train_bytes))
     used = 0
-    for path in paths:
-        for _, texts in read_jsonl(path, parse_texts, keep=lambda n: n % stride == 0):
-            for text in texts:
-                used += len(text.encode("utf-8"))
-                yield text
-    print(f"tokenizer trained on {used / 1e6:.1f} MB of text (1 line in {stride} of "
-          f"{total / 1e6:.1f} MB of JSONL; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
+    for _, texts in read_records(paths, parse_texts, keep=lambda n: n % stride == 0):
+        for text in texts:
+            used += len(text.encode("utf-8"))
+            yield text
+    print(f"tokenizer trained on {used / 1e6:.1f} MB of text (1 row in {stride} of "
+          f"{total / 1e6:.1f} MB of data; --max_train_bytes {max_train_bytes / 1e6:.0f} MB)")
 
 
 def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):
@@ -67,7 +66,8 @@ def train_tokenizer(paths, vocab_size, max_train_bytes=100_000_000):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data_path", nargs="+", default=["data/pretrain_poetry.jsonl.gz"],
-                        help="JSONL files (.jsonl or .jsonl.gz) with text, messages or conversations")
+                        help="files (.jsonl, .jsonl.gz, .parquet) with text, messages or conversations, "
+                             "directories of them or glob patterns")
     parser.add_argument("--vocab_size", type=int, default=6144)
     parser.add_argument("--out_dir", default="custom_tokenizer")
     parser.add_argument("--max_train_bytes", type=int, default=100_000_000,
@@ -79,9 +79,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in args.data_path:
-        if not os.path.isfile(path):
-            sys.exit(f"error: data file {path} does not exist")
     try:
         tokenizer = train_tokenizer(args.data_path, args.vocab_size, args.max_train_bytes)
     except DataError as e:

@@ -3,6 +3,8 @@
     python train_model.py --data_path data/pretrain_poetry.jsonl.gz --out_dir base_model
     python train_model.py --data_path data/sft_poetry.jsonl.gz --init_from base_model --out_dir sft_model
     torchrun --nproc_per_node 8 train_model.py ...   (DDP; add --fsdp to shard the model)
+    python train_model.py --data_path corpus/ --token_cache corpus.bin --num_workers 4 ...
+                                                      (shards: .jsonl, .jsonl.gz, .parquet; globs work too)
 
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (DataError, PretrainDataset, SFTDataset, build_token_cache, collate,
+from dataset import (DataError, PretrainDataset, SFTDataset, build_token_cache, collate, data_files,
                      estimate_samples_per_epoch)
 from model import ModelConfig, Transformer
 
@@ -38,10 +40,12 @@ STATE_FILE = "training_state.pt"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="where the model, checkpoints and metrics go")
-    p.add_argument("--data_path", default="data/pretrain_poetry.jsonl.gz", help="JSONL or JSONL.gz")
+    p.add_argument("--data_path", nargs="+", default=["data/pretrain_poetry.jsonl.gz"],
+                   help="files (.jsonl, .jsonl.gz, .parquet), directories of them or glob patterns; "
+                        "read in sorted path order as one corpus")
     p.add_argument("--tokenizer_path", default="custom_tokenizer")
     p.add_argument("--mode", choices=["auto", "pretrain", "sft"], default="auto",
-                   help="auto: sft when the data file name contains 'sft'")
+                   help="auto: sft when a --data_path name contains 'sft'")
     p.add_argument("--init_from", default=None, help="model directory to start from (SFT on a base model)")
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the newest in out_dir")
     p.add_argument("--epochs", type=int, default=1)
@@ -80,10 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--save_interval", type=int, default=1000, help="checkpoint every N steps; 0: never")
     p.add_argument("--save_total_limit", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="DataLoader worker processes; also the processes that build --token_cache (at least 1)")
     p.add_argument("--token_cache", default=None, metavar="PATH",
                    help="pretraining: tokenize the data once into PATH (memmap) and read it from there; "
-                        "for several epochs or many GPUs")
+                        "for several epochs or many GPUs. An interrupted build continues on the next run")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input line")
     p.add_argument("--max_bad_fraction", type=float, default=0.01, help="stop if more lines are bad")
     p.add_argument("--max_bad_steps", type=int, default=10,
@@ -116,6 +121,15 @@ def get_lr(step, learning_rate, warmup_iters, max_steps, schedule="cosine", deca
 
 class Fatal(Exception):
     """A problem the user must fix; main() prints it as one line and exits."""
+
+
+class Stopped(Exception):
+    """A stop signal ended the run; main() exits with 128 + its number, as shells and schedulers expect
+    (130 for Ctrl-C, 143 for SIGTERM), so that a job script does not carry on as if training had finished."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 # --- set-up ----------------------------------------------------------------------------------------
@@ -166,8 +180,10 @@ def check_arguments(args):
     if args.optimizer == "muon" and args.fsdp:
         raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
                     "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
-    if not os.path.isfile(args.data_path):
-        raise Fatal(f"data file {args.data_path} does not exist; pass --data_path")
+    try:
+        data_files(args.data_path)
+    except DataError as e:
+        raise Fatal(str(e))
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         raise Fatal(f"no tokenizer in {args.tokenizer_path}; train one with `python tokenizer.py` "
                     "or pass --tokenizer_path")
@@ -182,7 +198,8 @@ def check_arguments(args):
 def training_mode(args):
     if args.mode != "auto":
         return args.mode
-    return "sft" if "sft" in os.path.basename(args.data_path).lower() else "pretrain"
+    names = [os.path.basename(os.path.normpath(path)).lower() for path in args.data_path]
+    return "sft" if any("sft" in name for name in names) else "pretrain"
 
 
 def build_model(args, tokenizer, resume_dir):
@@ -281,12 +298,23 @@ def wrap_model(raw_model, args, world_size, device, dtype):
 
 
 def prepare_token_cache(args, tokenizer, is_main, world_size, device):
-    """Rank 0 tokenizes the training split into --token_cache unless it is up to date; the rest wait."""
+    """Rank 0 tokenizes the training split into --token_cache unless it is up to date; the rest wait.
+    A stop signal ends the build where it is (it continues on the next run) and the run with it."""
     if is_main:
         streaming, _ = make_loader(argparse.Namespace(**{**vars(args), "token_cache": None}),
                                    tokenizer, "train", 0, 1, device)
-        if build_token_cache(streaming, args.token_cache):
-            print(f"tokenized {args.data_path} into {args.token_cache}")
+
+        def stop(signum, frame):
+            raise Stopped(signum)
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            build_token_cache(streaming, args.token_cache, num_workers=args.num_workers)
+        except Stopped:
+            print(f"stopped by a signal while building {args.token_cache}; the next run continues it")
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     if world_size > 1:
         dist.barrier()
 
@@ -668,7 +696,8 @@ def train(args):
             logger.write(f"stopped by a signal after step {step}; checkpoint in {path}.\n"
                          f"resume with: {resume_command(path)}")
             logger.close()
-            return None
+            # A rank stopped on another rank's behalf got no signal itself; it stops as if sent SIGTERM.
+            raise Stopped(stop_signal[0] if stop_signal else signal.SIGTERM)
         if short_ranks:
             break  # the data is used up (on some rank): drop the incomplete last step everywhere
         if step_tokens == 0:
@@ -774,9 +803,11 @@ def resume_command(checkpoint):
 
 def main(argv=None):
     args = parse_args(argv)
-    error = None
+    error, stopped = None, None
     try:
         train(args)
+    except Stopped as e:
+        stopped = e.signum
     except (Fatal, DataError) as e:
         # From a DataLoader worker the message carries the worker's traceback; its last line is ours.
         last_line = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
@@ -791,6 +822,8 @@ def main(argv=None):
             child.kill()
     if error is not None:
         sys.exit(f"error: {error}")
+    if stopped is not None:
+        sys.exit(128 + stopped)
 
 
 if __name__ == "__main__":

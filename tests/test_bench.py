@@ -116,6 +116,9 @@ def test_quick_json_run_reports_every_section(pretrain_file, capsys, monkeypatch
     assert printed["generation"]["identical"] == {"hf": True, "recompute": True}
     assert printed["useful_tokens"]["useful_per_batch"]["packed"] == 2 * 127  # batch 2 x (128 - 1)
     assert printed["data_prep"]["blocks"] > 0 and printed["data_prep"]["mb_per_s"] > 0
+    data = printed["data_prep"]
+    assert data["cache_tokens"] > 0 and data["loader_tokens_per_s"] > 0 and data["cache_build_tokens_per_core_s"] > 0
+    assert set(data["cache_build_tokens_per_s"]) == {"1", "2"}
     sections = {row["section"][0] for row in printed["rows"]}
     assert sections == {"1", "2", "3", "4", "5"}
     for row in printed["rows"]:

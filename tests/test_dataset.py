@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import DATA_DIR, shipped_lines, write_jsonl
-from dataset import (PretrainDataset, SFTDataset, collate, encode_conversation, estimate_samples_per_epoch,
-                     parse_conversation)
+from dataset import (PretrainDataset, SFTDataset, build_token_cache, collate, encode_conversation,
+                     estimate_samples_per_epoch, parse_conversation)
 
 PRETRAIN_GZ = os.path.join(DATA_DIR, "pretrain_poetry.jsonl.gz")
 SFT_GZ = os.path.join(DATA_DIR, "sft_poetry.jsonl.gz")
@@ -258,11 +258,21 @@ def data_for(pretrain_file, sft_file):
     return {"pretrain": pretrain_file, "sft": sft_file}
 
 
+@pytest.fixture
+def global_order(tokenizer, pretrain_file, tmp_path):
+    """Dataset arguments that give every number of ranks the same global order: for pretraining, the
+    token cache (streaming ranks pack their own rows, see test_streaming_ranks_tokenize_their_own_rows)."""
+    cache = str(tmp_path / "tokens.bin")
+    build_token_cache(PretrainDataset(pretrain_file, tokenizer, 32), cache)
+    return {"pretrain": {"token_cache": cache}, "sft": {}}
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
-def test_two_ranks_see_the_global_batch(tokenizer, data_for, kind):
-    path = data_for[kind]
-    single = list(_dataset(kind, path, tokenizer, batch_size=4))
-    ranks = [list(_dataset(kind, path, tokenizer, batch_size=2, rank=r, world_size=2)) for r in range(2)]
+def test_two_ranks_see_the_global_batch(tokenizer, data_for, global_order, kind):
+    path, order = data_for[kind], global_order[kind]
+    single = list(_dataset(kind, path, tokenizer, batch_size=4, **order))
+    ranks = [list(_dataset(kind, path, tokenizer, batch_size=2, rank=r, world_size=2, **order))
+             for r in range(2)]
     assert len(single) > 40
     assert len(ranks[0]) + len(ranks[1]) == len(single)
     for r in range(2):
@@ -284,10 +294,11 @@ def test_two_ranks_see_the_global_batch(tokenizer, data_for, kind):
             assert (global_batch["labels"][r::2, w:] == -100).all()
 
 
-def test_two_ranks_pretrain_batches_through_dataloaders(tokenizer, pretrain_file):
-    single = list(DataLoader(_dataset("pretrain", pretrain_file, tokenizer, batch_size=4), batch_size=4))
+def test_two_ranks_pretrain_batches_through_dataloaders(tokenizer, pretrain_file, global_order):
+    order = global_order["pretrain"]
+    single = list(DataLoader(_dataset("pretrain", pretrain_file, tokenizer, batch_size=4, **order), batch_size=4))
     ranks = [list(DataLoader(_dataset("pretrain", pretrain_file, tokenizer, batch_size=2, rank=r,
-                                      world_size=2), batch_size=2)) for r in range(2)]
+                                      world_size=2, **order), batch_size=2)) for r in range(2)]
     full_steps = [j for j in range(min(len(ranks[0]), len(ranks[1])))
                   if len(ranks[0][j]["input_ids"]) == len(ranks[1][j]["input_ids"]) == 2]
     assert len(full_steps) >= len(single) - 1 > 10
@@ -298,15 +309,42 @@ def test_two_ranks_pretrain_batches_through_dataloaders(tokenizer, pretrain_file
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_start_sample_skips_exactly(tokenizer, data_for, kind, world_size):
-    path = data_for[kind]
+def test_start_sample_skips_exactly(tokenizer, data_for, global_order, kind, world_size):
+    path, order = data_for[kind], global_order[kind]
     # The global order is that of one process with the global batch (SFT sorts windows of global batches).
-    full = list(_dataset(kind, path, tokenizer, batch_size=2 * world_size))
+    full = list(_dataset(kind, path, tokenizer, batch_size=2 * world_size, **order))
     for start in (0, 5, 37):
         for rank in range(world_size):
             resumed = list(_dataset(kind, path, tokenizer, batch_size=2, start_sample=start, rank=rank,
-                                    world_size=world_size))
+                                    world_size=world_size, **order))
             assert _same_samples(resumed, full[start:][rank::world_size])
+
+
+def test_streaming_ranks_tokenize_their_own_rows(tokenizer, tmp_path):
+    """Streaming pretraining on 2 ranks: each rank tokenizes its own runs of RANK_ROWS rows, about half of
+    the corpus, and together they tokenize every training document once. Each packs and shuffles its own
+    blocks (so they are not one process's blocks: that guarantee is the token cache's), and a resume on
+    the same number of ranks skips exactly what each rank trained on."""
+    records = shipped_lines("pretrain_poetry.jsonl.gz", 1000)
+    path = write_jsonl(tmp_path / "pretrain.jsonl", records)
+    texts = [r["text"] for r in train_lines(records)]
+
+    def docs(dataset):
+        return [tokenizer.decode(d[:-1]) for d in dataset._documents()]
+
+    single = docs(PretrainDataset(path, tokenizer, 32))
+    ranks = [PretrainDataset(path, tokenizer, 32, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    shares = [docs(d) for d in ranks]
+    assert single == texts
+    assert sorted(shares[0] + shares[1]) == sorted(texts)
+    tokens = [sum(len(d) for d in dataset._documents()) for dataset in ranks]
+    total = sum(len(d) for d in PretrainDataset(path, tokenizer, 32)._documents())
+    assert sum(tokens) == total and max(tokens) <= 0.6 * total, (tokens, total)
+    for r, dataset in enumerate(ranks):
+        samples = list(dataset)
+        assert len(samples) == sum(len(d) for d in dataset._documents()) // 32
+        resumed = list(PretrainDataset(path, tokenizer, 32, batch_size=2, rank=r, world_size=2, start_sample=10))
+        assert _same_samples(resumed, samples[5:])
 
 
 def test_start_sample_continues_across_epochs(tokenizer, pretrain_file):
@@ -317,9 +355,11 @@ def test_start_sample_continues_across_epochs(tokenizer, pretrain_file):
     assert _same_samples(two, both[len(one) - 3:])
 
 
-def test_pretrain_blocks_are_shuffled_in_windows_and_differently_each_epoch(tokenizer, pretrain_file):
+def test_pretrain_blocks_are_shuffled_in_windows_and_differently_each_epoch(tokenizer, pretrain_file,
+                                                                           global_order):
     """Each epoch is a permutation of the file-order blocks, within windows of window_batches global
-    batches; the second epoch's order is not the first's, the seed changes it, the ranks share it."""
+    batches; the second epoch's order is not the first's, the seed changes it, the ranks share it (with the
+    token cache: streaming ranks shuffle their own blocks)."""
     def blocks(**kwargs):
         return [tuple(s["input_ids"].tolist()) for s in PretrainDataset(pretrain_file, tokenizer, 32,
                                                                            window_batches=4, **kwargs)]
@@ -333,7 +373,7 @@ def test_pretrain_blocks_are_shuffled_in_windows_and_differently_each_epoch(toke
             assert sorted(order[start:start + window]) == sorted(in_file_order[start:start + window])
     assert first != in_file_order and second != first
     assert blocks(batch_size=4, seed=1) != first
-    ranks = [blocks(batch_size=2, rank=r, world_size=2) for r in range(2)]
+    ranks = [blocks(batch_size=2, rank=r, world_size=2, **global_order["pretrain"]) for r in range(2)]
     assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
 
 

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ RUN_TIMEOUT = 300  # seconds; a healthy run takes 10-30 s, more when the module'
 AFTER_TRAINING_TIMEOUT = 30
 PARALLEL_RUNS = 4  # 2 cores, but a run spends much of its time starting up, and a deadlocked one sleeps
 
+NODES = "2 nodes"  # in RUNS: two torchrun launchers (--nnodes 2) of one process each, see launch_two_nodes
 # name: (processes, data, extra arguments, script, run it needs first)
 RUNS = {
     # Submitted first, as the runs that may deadlock (then sleeping until killed) in the code's failure modes.
@@ -75,6 +77,10 @@ RUNS = {
     # 2 ranks x batch 2 continue pre_1's (1 process x batch 4) checkpoint-2 up to step 4.
     "resume_2": (2, "pretrain", ["--batch_size", "2", "--save_interval", "2",
                                  "--resume", "@pre_1/checkpoint-2"], TRAIN, "pre_1"),
+    # Two nodes of one process each (two torchrun launchers), then one process resumes their checkpoint-2.
+    "nodes_2": (NODES, "pretrain", ["--batch_size", "2", "--save_interval", "2"], TRAIN, None),
+    "nodes_resume_1": (1, "pretrain", ["--batch_size", "4", "--save_interval", "2",
+                                       "--resume", "@nodes_2/out/checkpoint-2"], TRAIN, "nodes_2"),
 }
 SIGTERM_RANK = {"sigterm_2": 1}
 
@@ -91,6 +97,7 @@ NEEDS = {
     "test_fsdp_with_bf16_parameters_trains_like_ddp_in_bf16": ["acc_2", "ddp_bf16_2", "fsdp_bf16_2"],
     "test_val_loss_is_averaged_over_ranks": ["pre_1", "pre_2", "sftacc_1", "sftacc_2"],
     "test_sigterm_to_one_rank_stops_every_rank_after_the_same_step": ["sigterm_2"],
+    "test_two_nodes_train_like_one_process_and_resume_on_one": ["pre_1", "nodes_2", "nodes_resume_1"],
     "test_val_loss_with_uneven_batches_over_ranks": ["val_few_1", "val_few_2", "val_uneven_1",
                                                      "val_uneven_fsdp_2"],
 }
@@ -207,6 +214,55 @@ def launch(name, nproc, argv, script, out_dir, log_dir, timeout=RUN_TIMEOUT, sig
     return Run(name, out_dir, proc.returncode, output, rank_logs, time.monotonic() - start, timed_out)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(name, argv, node_dir, log_dir, timeout=RUN_TIMEOUT):
+    """Two torchrun launchers, --nnodes 2 --node_rank 0 and 1, one process each, meeting at 127.0.0.1 (gloo
+    on CPU) as two machines would. Each runs in a directory of its own (node_dir + "_node1" for node 1)
+    with the relative --out_dir "out", so that a write by node 1 shows; the run's out_dir is node_dir/out."""
+    argv = [a if a != node_dir else "out" for a in argv]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    port, start, procs = free_port(), time.monotonic(), []
+    os.makedirs(os.path.dirname(log_dir), exist_ok=True)
+    for node in (0, 1):
+        cwd = node_dir if node == 0 else node_dir + "_node1"
+        os.makedirs(cwd)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                   "--nproc_per_node", "1", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                   "--log-dir", f"{log_dir}/node{node}", "--redirects", "3", TRAIN, *argv]
+        with open(f"{log_dir}.node{node}.out", "w") as output_file:
+            procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=output_file, stderr=subprocess.STDOUT))
+    timed_out = False
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    output, rank_logs = "", {}
+    for node in (0, 1):
+        with open(f"{log_dir}.node{node}.out", errors="replace") as f:
+            output += f"--- node {node} launcher:\n{f.read()}"
+        for path in glob.glob(os.path.join(log_dir, f"node{node}", "*", "attempt_*", "0", "stdout.log")):
+            with open(path, errors="replace") as f, \
+                    open(os.path.join(os.path.dirname(path), "stderr.log"), errors="replace") as g:
+                rank_logs[node] = (f.read(), g.read())  # one process per node: node n holds global rank n
+    returncode = next((p.returncode for p in procs if p.returncode), 0)
+    return Run(name, os.path.join(node_dir, "out"), returncode, output, rank_logs, time.monotonic() - start,
+               timed_out)
+
+
 def last_logged_step(out_dir):
     """The last step whose loss metrics.jsonl holds; 0 before any."""
     try:
@@ -241,6 +297,12 @@ def runs(request, tmp_path_factory):
         out_dir = str(base / name)
         extra = [a.replace("@", str(base) + os.sep) if a.startswith("@") else a for a in extra]
         argv = ["--data_path", data[data_name], "--out_dir", out_dir, *COMMON, *extra]
+        if data_name.startswith("pretrain"):
+            # The token cache gives every number of ranks one global order of blocks (streaming ranks
+            # would pack their own rows); each run builds its own.
+            argv += ["--token_cache", str(base / f"{name}.tokens")]
+        if nproc == NODES:
+            return launch_two_nodes(name, argv, out_dir, str(base / "logs" / name))
         if script == PROBE:
             os.makedirs(base / "probe_results")
             argv = [str(base / "probe_results"), *argv]
@@ -421,15 +483,38 @@ def test_resume_on_more_ranks_continues_the_same_run(runs):
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(runs):
     """A stop signal reaches the ranks at different moments: torchrun forwards it to each in turn, a
     scheduler or a user may signal the processes one by one. Here rank 1 alone gets SIGTERM, after step 2:
-    the ranks must agree on the step to stop after, save one checkpoint there and end cleanly."""
+    the ranks must agree on the step to stop after, save one checkpoint there and exit with 143 (128 +
+    SIGTERM; the rank that got no signal stops as if it had), so torchrun reports the job as not finished."""
     run = runs["sigterm_2"]
-    assert run.returncode == 0 and not run.timed_out, \
-        "the run did not stop cleanly (ranks that disagree on stopping deadlock)\n" + run.describe()
+    assert not run.timed_out, "the run did not stop (ranks that disagree on stopping deadlock)\n" + run.describe()
+    assert run.returncode != 0 and "exitcode  : 143" in run.output, run.describe()
     last = max(run.losses())
     assert 2 <= last < 150, f"stopped after step {last}: the signal came too late to test anything"
     assert sorted(e for e in os.listdir(run.out_dir) if e.startswith("checkpoint")) == [f"checkpoint-{last}"]
     state = torch.load(os.path.join(run.out_dir, f"checkpoint-{last}", "training_state.pt"), weights_only=False)
     assert state["step"] == last
+
+
+# --- multi-node ---------------------------------------------------------------------------------------------
+
+def test_two_nodes_train_like_one_process_and_resume_on_one(runs):
+    """Two torchrun launchers on this machine as two nodes of one CPU process each (2 x batch 2), against one
+    process x batch 4: the same losses and weights; global rank 0 (node 0) alone writes, though node 1 runs
+    with the same relative --out_dir in a directory of its own; one process resumes the nodes' checkpoint-2
+    and ends where the single process does."""
+    single, nodes, resumed = runs["pre_1"].check(), runs["nodes_2"].check(), runs["nodes_resume_1"].check()
+    assert_same_losses(nodes, single, [1, 2, 3, 4], TOL)
+    assert_same_weights(nodes.weights(), single.weights(), TOL, "final weights of the two nodes")
+    assert sorted(e for e in os.listdir(nodes.out_dir) if e.startswith("checkpoint")) == \
+        ["checkpoint-2", "checkpoint-4"]
+    node1_dir = os.path.dirname(nodes.out_dir) + "_node1"
+    assert os.listdir(node1_dir) == [], f"node 1 wrote {os.listdir(node1_dir)}"
+    assert sorted(nodes.rank_logs) == [0, 1], nodes.describe()
+    assert "done: 4 steps" in nodes.rank_logs[0][0] and "2 process(es)" in nodes.rank_logs[0][0]
+    out1, err1 = nodes.rank_logs[1]
+    assert out1.strip() == "" and "done:" not in err1, nodes.describe()
+    assert_same_losses(resumed, single, [3, 4], TOL)
+    assert_same_weights(resumed.weights(), single.weights(), TOL, "final weights after resuming on one process")
 
 
 # --- 5. FSDP2 -----------------------------------------------------------------------------------------

@@ -328,7 +328,9 @@ def signal_runs(tmp_path_factory):
 def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, signal_runs):
     r = signal_runs[case]
     assert r["signalled"], f"training ended before step 2 ({r['returncode']}):\n{r['stderr'][-3000:]}"
-    assert r["returncode"] == 0, f"exit code {r['returncode']}:\n{r['stdout'][-2000:]}\n{r['stderr'][-3000:]}"
+    # 128 + the signal's number (130, 143), as shells expect: a job script must not carry on as if done.
+    assert r["returncode"] == 128 + r["signum"], \
+        f"exit code {r['returncode']}:\n{r['stdout'][-2000:]}\n{r['stderr'][-3000:]}"
     assert "Traceback" not in r["stderr"], r["stderr"]
     assert len(r["commands"]) == 1, f"no single 'resume with:' line:\n{r['stdout']}"
     assert len(r["checkpoints"]) == 1, r["checkpoints"]
@@ -343,6 +345,29 @@ def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, sig
     assert resumed.returncode == 0, f"{resumed.args}\n{resumed.stdout[-2000:]}\n{resumed.stderr[-3000:]}"
     assert "done:" in resumed.stdout
     assert sorted(step_losses(r["out"])) == list(range(1, SIGNAL_STEPS + 1))
+
+
+def test_a_job_script_stops_after_a_signalled_run(tmp_path, pretrain_file):
+    """train.sh runs its steps under `set -e`, as job scripts do: a training stopped by SIGTERM (sent to it
+    alone, as `timeout` does) exits 143, so the script stops there instead of going on to its next step."""
+    import psutil
+    import shlex
+    out = tmp_path / "out"
+    argv = [str(a) for a in train_argv(pretrain_file, out, "--max_steps", "200", "--save_interval", "0")]
+    script = f"set -euo pipefail\n{shlex.join([sys.executable, 'train_model.py', *argv])}\necho NEXT STEP\n"
+    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: logged_steps(out) >= 2, 300, proc, "step 2")
+        training, = [p for p in psutil.Process(proc.pid).children() if "train_model.py" in p.cmdline()]
+        training.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, f"{proc.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    assert "resume with:" in stdout and "NEXT STEP" not in stdout, stdout
 
 
 def test_printed_resume_command_survives_the_shell(tmp_path, pretrain_file, monkeypatch, capsys):
@@ -360,7 +385,7 @@ def test_printed_resume_command_survives_the_shell(tmp_path, pretrain_file, monk
         if step == 2 and callable(handler) and handler is not pytest_handler:
             os.kill(os.getpid(), signal.SIGTERM)
     ForwardSpy(monkeypatch, send_sigterm)
-    assert run_main(argv) is None
+    assert run_main(argv) == 128 + signal.SIGTERM
     line = [line for line in capsys.readouterr().out.splitlines() if "resume with:" in line][-1]
     tokens = shlex.split(line.split("resume with:", 1)[1])
     checkpoint, = checkpoint_dirs(out).values()
@@ -532,6 +557,28 @@ def repeated_corpus(path, size):
     return str(path)
 
 
+def sharded_corpus(directory, size, shards=64, parquet_every=4):
+    """About `size` bytes of the shipped poetry lines over and over, as `shards` files in `directory`: every
+    `parquet_every`-th one Parquet (row groups of 4096 rows, the first file among them), the rest JSONL."""
+    import gzip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with gzip.open(os.path.join(REPO, "data", "pretrain_poetry.jsonl.gz"), "rb") as f:
+        block = f.read()
+    rows = [json.loads(line) for line in block.splitlines()]
+    os.makedirs(directory)
+    repeats = max(1, math.ceil(size / shards / len(block)))
+    for shard in range(shards):
+        if shard % parquet_every == 0:
+            pq.write_table(pa.Table.from_pylist(rows * repeats), os.path.join(directory, f"part-{shard:03d}.parquet"),
+                           row_group_size=4096)
+        else:
+            with open(os.path.join(directory, f"part-{shard:03d}.jsonl"), "wb") as f:
+                for _ in range(repeats):
+                    f.write(block)
+    return str(directory)
+
+
 def peak_tree_memory(cmd, timeout):
     """Run cmd; poll the process and all its descendants. Returns (result, peak RSS sum, peak PSS sum)."""
     import psutil
@@ -574,7 +621,8 @@ GB, MB = 1 << 30, 1 << 20
 
 
 @memory_test
-def test_pretraining_memory_does_not_grow_with_the_corpus(tmp_path):
+@pytest.mark.parametrize("layout", ["one file", "64 shards, a quarter Parquet"])
+def test_pretraining_memory_does_not_grow_with_the_corpus(tmp_path, layout):
     small = repeated_corpus(tmp_path / "small.jsonl", 20 * MB)
 
     def train(data, name):
@@ -586,13 +634,18 @@ def test_pretraining_memory_does_not_grow_with_the_corpus(tmp_path):
         return rss, pss
 
     small_rss, small_pss = train(small, "small")
-    big = repeated_corpus(tmp_path / "big.jsonl", 2 * GB)
+    big = repeated_corpus(tmp_path / "big.jsonl", 2 * GB) if layout == "one file" \
+        else sharded_corpus(tmp_path / "big", 2 * GB)
     try:
         big_rss, big_pss = train(big, "big")
     finally:
-        os.remove(big)
+        if os.path.isdir(big):
+            shutil.rmtree(big)
+        else:
+            os.remove(big)
     print(f"\npeak memory of the process tree, 40 steps, --num_workers 2: 20 MB corpus RSS {small_rss / MB:.0f} MB "
-          f"(PSS {small_pss / MB:.0f} MB); 2 GB corpus RSS {big_rss / MB:.0f} MB (PSS {big_pss / MB:.0f} MB)")
+          f"(PSS {small_pss / MB:.0f} MB); 2 GB corpus ({layout}) RSS {big_rss / MB:.0f} MB "
+          f"(PSS {big_pss / MB:.0f} MB)")
     # Summed RSS counts the pages the forked workers share with the main process (torch itself) three
     # times; PSS splits them, so it is the tree's real footprint.
     assert big_pss < 2 * GB and big_rss < 2.5 * GB
