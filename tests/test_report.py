@@ -1,7 +1,6 @@
 """report.py on real training runs, and --eval_tasks scores logged during training."""
 import json
 import os
-import shutil
 
 import pytest
 
