@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, shipped_lines, write_jsonl
+from conftest import REPO, TINY_MODEL_ARGS, preference_pairs, shipped_lines, write_jsonl
 
 TRAIN = os.path.join(REPO, "train_model.py")
 PROBE = os.path.join(REPO, "tests", "ddp_probe.py")
@@ -70,6 +70,11 @@ RUNS = {
                  TRAIN, None),
     "sftacc_2": (2, "sft", ["--mode", "sft", "--batch_size", "2", "--accumulation_steps", "2"],
                  TRAIN, None),
+    # DPO with LoRA: the reference is the model with its adapters off, in each rank's forward.
+    "dpolora_1": (1, "dpo", ["--init_from", "BASE", "--lora_rank", "4", "--batch_size", "4",
+                             "--accumulation_steps", "2", "--learning_rate", "1e-2"], TRAIN, None),
+    "dpolora_2": (2, "dpo", ["--init_from", "BASE", "--lora_rank", "4", "--batch_size", "2",
+                             "--accumulation_steps", "2", "--learning_rate", "1e-2"], TRAIN, None),
     "probe": (2, "sft", ["--mode", "sft", "--batch_size", "2", "--accumulation_steps", "3",
                          "--max_steps", "2"], PROBE, None),
     # 2 ranks x batch 2 continue pre_1's (1 process x batch 4) checkpoint-2 up to step 4.
@@ -81,7 +86,7 @@ SIGTERM_RANK = {"sigterm_2": 1}
 # The runs each test reads (by the test function's name), so that a -k selection launches only those.
 NEEDS = {
     "test_ddp_matches_single_process": ["pre_1", "pre_2", "acc_1", "acc_2", "sftacc_1", "sftacc_2", "muon_1",
-                                        "muon_2"],
+                                        "muon_2", "dpolora_1", "dpolora_2"],
     "test_gradient_sync_happens_only_in_the_last_backward_of_a_step": ["probe"],
     "test_synced_gradient_is_the_token_weighted_gradient_of_the_whole_step": ["probe"],
     "test_only_rank_0_writes": ["pre_1", "pre_2"],
@@ -218,13 +223,14 @@ def last_logged_step(out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, base_model):
     """name -> Run, for the runs the selected tests of this module need, launched PARALLEL_RUNS at a time."""
     base = tmp_path_factory.mktemp("distributed")
     data = {
         "pretrain400": write_jsonl(base / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 400)),
         "pretrain": write_jsonl(base / "pretrain600.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 600)),
         "sft": write_jsonl(base / "sft_small.jsonl", shipped_lines("sft_poetry.jsonl.gz", 400)),
+        "dpo": write_jsonl(base / "dpo_small.jsonl", preference_pairs(400)),
     }
     here = request.module.__name__
     selected = {item.originalname for item in request.session.items if item.module.__name__ == here}
@@ -239,7 +245,8 @@ def runs(request, tmp_path_factory):
             if prerequisite.returncode != 0:
                 return prerequisite
         out_dir = str(base / name)
-        extra = [a.replace("@", str(base) + os.sep) if a.startswith("@") else a for a in extra]
+        extra = [a.replace("@", str(base) + os.sep) if a.startswith("@") else base_model if a == "BASE" else a
+                 for a in extra]
         argv = ["--data_path", data[data_name], "--out_dir", out_dir, *COMMON, *extra]
         if script == PROBE:
             os.makedirs(base / "probe_results")
@@ -282,8 +289,9 @@ def assert_same_weights(weights, expected, tol, what):
 # --- 1. DDP trains like one process with the whole batch ----------------------------------------------
 
 @pytest.mark.parametrize("single,ranks", [("pre_1", "pre_2"), ("acc_1", "acc_2"), ("sftacc_1", "sftacc_2"),
-                                          ("muon_1", "muon_2")],
-                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation", "muon-accumulation"])
+                                          ("muon_1", "muon_2"), ("dpolora_1", "dpolora_2")],
+                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation", "muon-accumulation",
+                              "dpo-lora-accumulation"])
 def test_ddp_matches_single_process(runs, single, ranks):
     """2 ranks x batch 2 (x accumulation) vs 1 process x batch 4 (x accumulation): the same samples per
     step, so the same loss at every step and the same final weights. SFT conversations differ in length,
