@@ -124,15 +124,22 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
     from dataset import PreferenceDataset, collate_preferences, parse_preference
     from model import Transformer, to_hf_name
     from train_model import DPOLoss
-    records = preference_pairs(3)
-    records.append({"prompt": [{"role": "user", "content": "谁写了《静夜思》？"},
-                               {"role": "assistant", "content": "李白。"},  # not scored: part of the prompt
-                               {"role": "user", "content": "再说一遍。"}],
-                    "chosen": [{"role": "assistant", "content": "李白。"}],
-                    "rejected": [{"role": "assistant", "content": "杜甫。"}]})
+    records = [
+        {"prompt": "《静夜思》的作者是谁？", "chosen": "《静夜思》的作者是李白。", "rejected": "《静夜思》的作者是白居易。"},
+        {"prompt": [{"role": "system", "content": "你是一个熟读古诗词的AI助手。"},
+                    {"role": "user", "content": "请背诵李白的《静夜思》。"}],
+         "chosen": [{"role": "assistant", "content": "床前明月光，疑是地上霜。"}],
+         "rejected": [{"role": "assistant", "content": "白日依山尽，黄河入海流。"}]},
+        {"prompt": [{"role": "user", "content": "谁写了《静夜思》？"},
+                    {"role": "assistant", "content": "李白。"},  # not scored: part of the prompt
+                    {"role": "user", "content": "再说一遍。"}],
+         "chosen": [{"role": "assistant", "content": "李白。"}],
+         "rejected": [{"role": "assistant", "content": "杜甫。"}]},
+    ]
     pairs = [parse_preference(r) for r in records]
     dataset = PreferenceDataset(write_jsonl(tmp_path / "pairs.jsonl", records), tokenizer, 64)
     batch = collate_preferences([dataset._encode(p) for p in pairs], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] < 64  # nothing truncated: the formula below sees whole sequences
     policy_dir = perturbed_copy(base_model, tmp_path / "policy")
     beta = 0.1
 
@@ -142,7 +149,7 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
     loss, (margin_sum, correct) = objective(policy, batch["input_ids"], batch["labels"], len(pairs))
     loss.backward()
 
-    # The paper's formula, pair by pair, from transformers' model; max_seq_len 64 cut nothing here.
+    # The paper's formula, pair by pair (no padding), from transformers' model.
     hf_policy, hf_reference = hf_model(policy_dir), hf_model(base_model)
     margins = []
     for prompt, chosen, rejected in pairs:
