@@ -14,6 +14,7 @@ its own (test_val_loss_with_uneven_batches_over_ranks uses them).
 """
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,7 +87,8 @@ SIGTERM_RANK = {"sigterm_2": 1}
 # The runs each test reads (by the test function's name), so that a -k selection launches only those.
 NEEDS = {
     "test_ddp_matches_single_process": ["pre_1", "pre_2", "acc_1", "acc_2", "sftacc_1", "sftacc_2", "muon_1",
-                                        "muon_2", "dpolora_1", "dpolora_2"],
+                                        "muon_2"],
+    "test_dpo_with_lora_under_ddp_matches_single_process": ["dpolora_1", "dpolora_2"],
     "test_gradient_sync_happens_only_in_the_last_backward_of_a_step": ["probe"],
     "test_synced_gradient_is_the_token_weighted_gradient_of_the_whole_step": ["probe"],
     "test_only_rank_0_writes": ["pre_1", "pre_2"],
@@ -289,9 +291,8 @@ def assert_same_weights(weights, expected, tol, what):
 # --- 1. DDP trains like one process with the whole batch ----------------------------------------------
 
 @pytest.mark.parametrize("single,ranks", [("pre_1", "pre_2"), ("acc_1", "acc_2"), ("sftacc_1", "sftacc_2"),
-                                          ("muon_1", "muon_2"), ("dpolora_1", "dpolora_2")],
-                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation", "muon-accumulation",
-                              "dpo-lora-accumulation"])
+                                          ("muon_1", "muon_2")],
+                         ids=["pretrain", "pretrain-accumulation", "sft-accumulation", "muon-accumulation"])
 def test_ddp_matches_single_process(runs, single, ranks):
     """2 ranks x batch 2 (x accumulation) vs 1 process x batch 4 (x accumulation): the same samples per
     step, so the same loss at every step and the same final weights. SFT conversations differ in length,
@@ -307,6 +308,21 @@ def test_ddp_matches_single_process(runs, single, ranks):
     # the two runs' gradients reach the weights as bf16-sized ones (measured 4.5e-5 after 4 steps).
     tol = 1e-4 if single == "muon_1" else TOL
     assert_same_weights(two.weights(), one.weights(), tol, f"final weights of {ranks} vs {single}")
+
+
+def test_dpo_with_lora_under_ddp_matches_single_process(runs):
+    """DPO with LoRA, 2 ranks x 2 pairs x 2 micro-batches vs 1 process x 4 pairs x 2: every pair of the step
+    weighs the same, and each rank's reference (its own model with the adapters off) is the same model."""
+    one, two = runs["dpolora_1"].check(), runs["dpolora_2"].check()
+    assert_same_losses(two, one, [1, 2, 3, 4], TOL)
+    for key in ("reward_margin", "reward_accuracy"):
+        assert [r[key] for r in one.metrics() if "loss" in r] == \
+            pytest.approx([r[key] for r in two.metrics() if "loss" in r], abs=TOL)
+    # Step 1's policy is the reference (the adapters start at zero): loss log 2; then the adapters train.
+    losses = one.losses()
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert max(abs(losses[step] - math.log(2)) for step in (2, 3, 4)) > 100 * TOL, f"training barely moved: {losses}"
+    assert_same_weights(two.weights(), one.weights(), TOL, "final (merged) weights, 2 ranks vs 1")
 
 
 # --- 2. gradient sync: only in the last backward of a step, and the right gradient -------------------
