@@ -1019,8 +1019,8 @@ def train(args):
         dist.barrier()
     logger.close()
     if is_main:
-        summary = f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss is not None \
-            else "no validation lines"
+        summary = "no validation lines" if val_loss is None else f"val_loss {val_loss:.4f}" + (
+            "" if args.mode == "dpo" else f" (perplexity {math.exp(val_loss):.2f})")  # DPO's is per pair
         print(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, {summary}; model saved to {args.out_dir}/")
     return val_loss
 
