@@ -1,8 +1,15 @@
-"""Pretrain or fine-tune (SFT) a Tiny-LLM model, on one CPU or GPU or, under torchrun, on many.
+"""Pretrain, fine-tune (SFT) or align (DPO) a Tiny-LLM model, fully or with LoRA adapters, on one CPU or
+GPU or, under torchrun, on many.
 
     python train_model.py --data_path data/pretrain_poetry.jsonl.gz --out_dir base_model
     python train_model.py --data_path data/sft_poetry.jsonl.gz --init_from base_model --out_dir sft_model
+    python train_model.py --mode dpo --data_path data/dpo_poetry.jsonl.gz --init_from sft_model \
+        --lora_rank 16 --out_dir dpo_model
     torchrun --nproc_per_node 8 train_model.py ...   (DDP; add --fsdp to shard the model)
+
+The modes share one loop and differ in their data set and their objective (LanguageModelLoss, DPOLoss).
+LoRA is PEFT's, injected into our modules; checkpoints then hold only the adapters and their optimizer
+state, and the final model is written merged, with the PEFT adapter directory beside it.
 
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
