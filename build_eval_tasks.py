@@ -34,6 +34,7 @@ import sys
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = ["pretrain_poetry.jsonl.gz", "sft_poetry.jsonl.gz", "sft_poetry_belle.jsonl.gz"]
+SHIPPED_DOCUMENTS = 20_000  # data/pretrain_poetry.jsonl.gz: the first documents of the full corpus
 FIRST_HELD_OUT = 40_000  # documents [0, 40000) of the full corpus are in a shipped file or quoted by SFT
 NOT_AUTHORS = {"无名氏", "不详", ""}
 MAX_AUTHOR_POEM_LINES = 2  # poetry_author scores the whole poem four times: short poems keep it fast
@@ -55,6 +56,25 @@ def regular(lines):
     return bool(clauses) and all(len(c) in (4, 5, 7) for c in clauses)
 
 
+def read_corpus(corpus):
+    """parse_doc of every document of the full pretraining corpus, in order."""
+    with open(corpus, encoding="utf-8") as f:
+        return [parse_doc(json.loads(line)["text"]) for line in f]
+
+
+def poet_collections(docs):
+    """({poet: collection}, Counter of poets in the shipped pretraining data: what a trained model can
+    know). Collections are told by form over the whole corpus: shi poets write regular lines, ci poets do
+    not."""
+    form = collections.defaultdict(list)
+    for doc in docs:
+        if doc:
+            form[doc[1]].append(regular(doc[2]))
+    collection = {author: ("诗经" if "·" in author else "shi" if sum(f) * 2 >= len(f) else "ci")
+                  for author, f in form.items()}
+    return collection, collections.Counter(doc[1] for doc in docs[:SHIPPED_DOCUMENTS] if doc)
+
+
 def read_shipped(data_dir):
     """Every line of every text of the shipped files (poems and SFT messages)."""
     texts = []
@@ -70,18 +90,9 @@ def read_shipped(data_dir):
 
 
 def build(corpus, data_dir, items, seed):
-    with open(corpus, encoding="utf-8") as f:
-        docs = [parse_doc(json.loads(line)["text"]) for line in f]
+    docs = read_corpus(corpus)
     shipped_lines = read_shipped(data_dir)
-    # Collections are told by form over the whole corpus: shi poets write regular lines, ci poets do not.
-    form = collections.defaultdict(list)
-    for doc in docs:
-        if doc:
-            form[doc[1]].append(regular(doc[2]))
-    collection = {author: ("诗经" if "·" in author else "shi" if sum(f) * 2 >= len(f) else "ci")
-                  for author, f in form.items()}
-    # How often each poet occurs in the shipped pretraining data: what a trained model can know.
-    known = collections.Counter(doc[1] for doc in docs[:20_000] if doc)
+    collection, known = poet_collections(docs)
 
     # A poem is held out when none of its lines is a line of a shipped file (the same poem can occur
     # twice in the corpus, and SFT answers quote poems).

@@ -1,4 +1,5 @@
-"""Streaming datasets for pretraining (packed blocks) and SFT (chat-template conversations).
+"""Streaming datasets for pretraining (packed blocks), SFT (chat-template conversations) and DPO (pairs of
+answers to one prompt, the chosen and the rejected).
 
 Both read a corpus of one or many files (`data_files`: files, directories, glob patterns, read in sorted
 path order): JSONL (`.jsonl`, `.jsonl.gz`) line by line and Parquet row group by row group, so a corpus
@@ -56,6 +57,13 @@ def parse_conversation(record):
         turns, role_key, content_key = record["conversations"], "from", "value"
     else:
         raise BadLine("no list field 'messages' or 'conversations'")
+    messages = parse_turns(turns, role_key, content_key)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadLine("no assistant turn")
+    return messages
+
+
+def parse_turns(turns, role_key="role", content_key="content"):
     messages = []
     for turn in turns:
         if not isinstance(turn, dict):
@@ -66,9 +74,32 @@ def parse_conversation(record):
         if not isinstance(content, str):
             raise BadLine(f"{content_key} of a {role} turn is not a string")
         messages.append({"role": ROLES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadLine("no assistant turn")
     return messages
+
+
+def parse_preference(record):
+    """(prompt, chosen, rejected) as message lists from {"prompt": [messages], "chosen": [assistant
+    message(s)], "rejected": [...]}, or from the flat form with strings: a user turn and an answer."""
+    parts = []
+    for key in ("prompt", "chosen", "rejected"):
+        value = record.get(key)
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadLine(f"'{key}' is empty")
+            parts.append([{"role": "user" if key == "prompt" else "assistant", "content": value}])
+        elif isinstance(value, list) and value:
+            parts.append(parse_turns(value))
+        else:
+            raise BadLine(f"no field '{key}' (a string or a non-empty list of messages)")
+    prompt, chosen, rejected = parts
+    if prompt[-1]["role"] == "assistant":
+        raise BadLine("the prompt ends with an assistant turn; the answers are the assistant's")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if any(m["role"] != "assistant" for m in answer):
+            raise BadLine(f"'{key}' holds a turn that is not the assistant's")
+    if chosen == rejected:
+        raise BadLine("'chosen' and 'rejected' are the same")
+    return prompt, chosen, rejected
 
 
 def parse_texts(record):
@@ -418,6 +449,45 @@ class SFTDataset(JsonlDataset):
 
     def _encode(self, messages):
         return encode_conversation(self.tokenizer, messages, self.max_length)
+
+
+class PreferenceDataset(JsonlDataset):
+    """Preference pairs for DPO: the prompt followed by the chosen answer, and by the rejected one, each
+    labelled (for the loss) on the answer's assistant tokens only, not on assistant turns of the prompt.
+    The training split's pairs are shuffled in windows of 64 global batches, as pretraining's blocks."""
+
+    parse = staticmethod(parse_preference)
+
+    def __init__(self, data_path, tokenizer, max_length, window_batches=64, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        self.window = window_batches * self.batch_size * self.world_size
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
+                            "DPO needs one (train it with tokenizer.py)")
+
+    def _items(self, epoch):
+        pairs = (pair for _, pair in self.records())
+        if self.split == "val":
+            yield from pairs
+            return
+        for index, window in enumerate(windows(pairs, self.window)):
+            for i in np.random.default_rng([self.seed, epoch, index]).permutation(len(window)):
+                yield window[i]
+
+    def _encode(self, pair):
+        prompt, chosen, rejected = pair
+        prompt_length = len(self.tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True)["input_ids"])
+        sample = {}
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            encoded = encode_conversation(self.tokenizer, prompt + answer, self.max_length)
+            encoded["labels"][:prompt_length] = -100
+            sample[name] = encoded
+        return sample
+
+
+def collate_preferences(pairs, pad_id):
+    """One batch of 2n rows: the n chosen sequences, then the n rejected ones (one forward for both)."""
+    return collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
 
 
 def windows(items, size):

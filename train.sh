@@ -2,6 +2,7 @@
 # Tiny-LLM launcher.
 #   bash train.sh          the CPU demo: tokenizer -> pretraining -> SFT -> samples -> evaluation and report,
 #                          in about 15 minutes
+#   bash train.sh dpo      after the demo: DPO (with LoRA) of its chat model on data/dpo_poetry.jsonl.gz
 #   bash train.sh gpu      the seed's 215M recipe (dim 1024, 18 layers, vocab 6144, seq 512) on GPUs;
 #                          download seq-monkey and BelleGroup first (see README), NGPUS=8 for 8 GPUs
 set -euo pipefail
@@ -37,6 +38,15 @@ if [ "$RECIPE" = demo ]; then
   python report.py $OUT/base $OUT/sft --out_dir $OUT/report
   echo "models: $OUT/base (pretrained), $OUT/sft (chat); metrics: $OUT/*/metrics.jsonl"
   echo "chat yourself: python generate.py --model $OUT/sft --chat"
+elif [ "$RECIPE" = dpo ]; then
+  # After the demo: DPO of its chat model on the sample preference pairs, with LoRA (the reference is the
+  # chat model itself with the adapters off), then the chat model's evaluation suite on the result.
+  OUT=runs/demo
+  python train_model.py --mode dpo --out_dir $OUT/dpo --data_path data/dpo_poetry.jsonl.gz \
+    --val_data_path data/dpo_poetry_eval.jsonl.gz --init_from $OUT/sft --tokenizer_path $OUT/sft \
+    --max_seq_len 256 --device cpu --lora_rank 16 --lora_alpha 32 --batch_size 8 --learning_rate 2e-3 \
+    --warmup_iters 10 --max_steps 120 --eval_interval 120 --eval_batches 50 --save_interval 40
+  python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
 elif [ "$RECIPE" = gpu ]; then
   # The seed's 215M recipe. One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
   NGPUS=${NGPUS:-1}
@@ -50,6 +60,6 @@ elif [ "$RECIPE" = gpu ]; then
     --epochs 1 --batch_size 32 --learning_rate 1e-4 --num_workers 4 --use_swanlab
   python generate.py --model sft_model_215M --chat --prompt "你好，请介绍一下你自己。"
 else
-  echo "usage: bash train.sh [demo|gpu]" >&2
+  echo "usage: bash train.sh [demo|dpo|gpu]" >&2
   exit 2
 fi

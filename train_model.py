@@ -1,10 +1,17 @@
-"""Pretrain or fine-tune (SFT) a Tiny-LLM model, on one CPU or GPU or, under torchrun, on many.
+"""Pretrain, fine-tune (SFT) or align (DPO) a Tiny-LLM model, fully or with LoRA adapters, on one CPU or
+GPU or, under torchrun, on many.
 
     python train_model.py --data_path data/pretrain_poetry.jsonl.gz --out_dir base_model
     python train_model.py --data_path data/sft_poetry.jsonl.gz --init_from base_model --out_dir sft_model
+    python train_model.py --mode dpo --data_path data/dpo_poetry.jsonl.gz --init_from sft_model \
+        --lora_rank 16 --out_dir dpo_model
     torchrun --nproc_per_node 8 train_model.py ...   (DDP; add --fsdp to shard the model)
     python train_model.py --data_path corpus/ --token_cache corpus.bin --num_workers 4 ...
                                                       (shards: .jsonl, .jsonl.gz, .parquet; globs work too)
+
+The modes share one loop and differ in their data set and their objective (LanguageModelLoss, DPOLoss).
+LoRA is PEFT's, injected into our modules; checkpoints then hold only the adapters and their optimizer
+state, and the final model is written merged, with the PEFT adapter directory beside it.
 
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
@@ -30,11 +37,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (DataError, PretrainDataset, SFTDataset, build_token_cache, collate, data_files,
-                     estimate_samples_per_epoch)
-from model import ModelConfig, Transformer
+from dataset import (DataError, PreferenceDataset, PretrainDataset, SFTDataset, build_token_cache, collate,
+                     collate_preferences, data_files, estimate_samples_per_epoch)
+from model import _LAYER_NAMES, ModelConfig, Transformer, to_hf_name
 
 STATE_FILE = "training_state.pt"
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ADAPTER_DIR = "adapter"  # in out_dir: the final adapter, for peft.PeftModel.from_pretrained
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def parse_args(argv=None):
@@ -43,9 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--data_path", nargs="+", default=["data/pretrain_poetry.jsonl.gz"],
                    help="files (.jsonl, .jsonl.gz, .parquet), directories of them or glob patterns; "
                         "read in sorted path order as one corpus")
+    p.add_argument("--val_data_path", nargs="+", default=None,
+                   help="validate on every record of these files (same forms) instead of every 200th of --data_path")
     p.add_argument("--tokenizer_path", default="custom_tokenizer")
-    p.add_argument("--mode", choices=["auto", "pretrain", "sft"], default="auto",
-                   help="auto: sft when a --data_path name contains 'sft'")
+    p.add_argument("--mode", choices=["auto", "pretrain", "sft", "dpo"], default="auto",
+                   help="auto: sft when a --data_path name contains 'sft', dpo when it contains 'dpo'; dpo "
+                        "trains on preference pairs against the frozen --init_from model")
+    p.add_argument("--dpo_beta", type=float, default=0.1,
+                   help="DPO: how far the model may move from the reference (higher: less far)")
     p.add_argument("--init_from", default=None, help="model directory to start from (SFT on a base model)")
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the newest in out_dir")
     p.add_argument("--epochs", type=int, default=1)
@@ -72,6 +87,13 @@ def parse_args(argv=None):
                    help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="train LoRA adapters of this rank (PEFT) on the frozen --init_from model; 0: off")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA's scale is lora_alpha / lora_rank")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--lora_targets", default=",".join(LORA_TARGETS),
+                   help="comma-separated modules that get adapters, by our names (wq,wk,wv,wo: attention; "
+                        "w1,w2,w3: MLP) or Hugging Face's (q_proj, ..., gate_proj, down_proj, up_proj)")
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
         p.add_argument(f"--{field}", type=int, default=getattr(ModelConfig, field))
     p.add_argument("--dropout", type=float, default=ModelConfig.dropout)
@@ -180,10 +202,26 @@ def check_arguments(args):
     if args.optimizer == "muon" and args.fsdp:
         raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
                     "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
-    try:
-        data_files(args.data_path)
-    except DataError as e:
-        raise Fatal(str(e))
+    if training_mode(args) == "dpo":
+        if args.init_from is None:
+            raise Fatal("--mode dpo needs --init_from: the model to improve, which is also the frozen reference")
+        if args.dpo_beta <= 0:
+            raise Fatal(f"--dpo_beta must be positive, got {args.dpo_beta}")
+    if args.lora_rank < 0:
+        raise Fatal(f"--lora_rank must be 0 (off) or positive, got {args.lora_rank}")
+    if args.lora_rank:
+        if args.init_from is None:
+            raise Fatal("--lora_rank needs --init_from: LoRA adapts a trained model, whose weights stay frozen")
+        if args.fsdp:
+            raise Fatal("--lora_rank does not work with --fsdp (not supported: the frozen base has no optimizer "
+                        "state to shard); drop --fsdp, DDP trains LoRA")
+        lora_target_names(args.lora_targets)  # unknown names stop here
+    for paths in (args.data_path, args.val_data_path):
+        try:
+            if paths is not None:
+                data_files(paths)
+        except DataError as e:
+            raise Fatal(str(e))
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         raise Fatal(f"no tokenizer in {args.tokenizer_path}; train one with `python tokenizer.py` "
                     "or pass --tokenizer_path")
@@ -199,12 +237,14 @@ def training_mode(args):
     if args.mode != "auto":
         return args.mode
     names = [os.path.basename(os.path.normpath(path)).lower() for path in args.data_path]
-    return "sft" if any("sft" in name for name in names) else "pretrain"
+    return "dpo" if any("dpo" in name for name in names) else "sft" if any("sft" in name for name in names) \
+        else "pretrain"
 
 
 def build_model(args, tokenizer, resume_dir):
-    """A new model from the arguments, or the weights of --init_from or of the checkpoint to resume."""
-    source = resume_dir or args.init_from
+    """A new model from the arguments, or the weights of --init_from or of the checkpoint to resume.
+    With LoRA: --init_from's weights, with the adapters of the checkpoint to resume (if any)."""
+    source = args.init_from if args.lora_rank else resume_dir or args.init_from
     if source is None:
         config = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                              n_kv_heads=args.n_kv_heads, vocab_size=len(tokenizer),
@@ -222,7 +262,115 @@ def build_model(args, tokenizer, resume_dir):
     if args.max_seq_len > model.config.max_seq_len:
         raise Fatal(f"--max_seq_len {args.max_seq_len} is longer than the {model.config.max_seq_len} "
                     f"positions {source} supports; pass --max_seq_len {model.config.max_seq_len} or less")
+    if args.lora_rank:
+        model = add_lora(model, args)
+        if resume_dir:
+            load_adapter(model, resume_dir)
     return model
+
+
+# --- LoRA (PEFT) -------------------------------------------------------------------------------------
+
+def lora_hf_names():
+    """{wq: q_proj, ..., w3: up_proj}: the modules LoRA can target, by our names and Hugging Face's."""
+    return {ours.split(".")[-1]: to_hf_name(f"layers.0.{ours}.weight").split(".")[-2]
+            for ours in _LAYER_NAMES if ours.split(".")[-1] in LORA_TARGETS}
+
+
+def lora_target_names(targets):
+    """Our module names (wq, ..., w3) for --lora_targets, which may use Hugging Face's (q_proj, ...)."""
+    ours_of = {**{name: name for name in LORA_TARGETS}, **{hf: ours for ours, hf in lora_hf_names().items()}}
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in ours_of]
+    if unknown or not names:
+        raise Fatal(f"--lora_targets {targets!r}: unknown module(s) {unknown}; choose from {', '.join(ours_of)}")
+    return sorted({ours_of[t] for t in names}, key=LORA_TARGETS.index)
+
+
+def lora_config(args, hf_names=False):
+    """PEFT's LoraConfig of the run: for our modules, or (hf_names) as adapter_config.json states it for
+    the LlamaForCausalLM of --init_from."""
+    from peft import LoraConfig
+    targets = lora_target_names(args.lora_targets)
+    if not hf_names:
+        return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=targets)
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=[lora_hf_names()[t] for t in targets], task_type="CAUSAL_LM",
+                      base_model_name_or_path=os.path.abspath(args.init_from))
+
+
+def add_lora(model, args):
+    """PEFT's LoRA layers around the target modules, in place: the base weights are frozen, only the
+    adapters (A random, B zero: the model starts as the base) train."""
+    from peft import inject_adapter_in_model
+    return inject_adapter_in_model(lora_config(args), model)
+
+
+def is_lora_weight(name):
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_hf_name(name):
+    """layers.0.attention.wq.lora_A.default.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight,
+    the name PEFT's adapter files use for a LlamaForCausalLM."""
+    module, lora = name.split(".lora_")
+    matrix, _adapter, param = lora.split(".")
+    return f"base_model.model.{to_hf_name(module + '.weight')[:-len('.weight')]}.lora_{matrix}.{param}"
+
+
+def write_adapter_dir(path, state_dict, args):
+    """A PEFT adapter directory: adapter_config.json and the adapter weights under Hugging Face's names."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    lora_config(args, hf_names=True).save_pretrained(path)
+    weights = {adapter_hf_name(k): v.detach().float().contiguous().cpu()
+               for k, v in state_dict.items() if is_lora_weight(k)}
+    save_file(weights, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_adapter(model, path):
+    """The adapter weights a checkpoint holds, into a model with LoRA layers of the same configuration."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        raise Fatal(f"{path} holds no LoRA adapter ({ADAPTER_WEIGHTS}): it is not a checkpoint of a LoRA run")
+    saved = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    ours = {adapter_hf_name(name): name for name in model.state_dict() if is_lora_weight(name)}
+    mismatch = Fatal(f"{path} holds adapters for other modules or of another rank than --lora_targets and "
+                     "--lora_rank ask for; resume with the run's own LoRA arguments")
+    if saved.keys() != ours.keys():
+        raise mismatch
+    try:
+        model.load_state_dict({ours[k]: v for k, v in saved.items()}, strict=False)
+    except RuntimeError:
+        raise mismatch
+
+
+def merged_state_dict(model):
+    """The model's state dict with each adapter added into its base weight: an ordinary model."""
+    from peft.tuners.lora import LoraLayer
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            merged[f"{name}.weight"] = module.base_layer.weight.detach() + module.get_delta_weight("default")
+    for name, tensor in model.state_dict().items():
+        if not is_lora_weight(name):
+            merged.setdefault(name.replace(".base_layer.", "."), tensor)
+    return merged
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model without its adapters (DPO's reference under LoRA: no second copy in memory)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def make_grad_scaler(device, dtype):
@@ -238,7 +386,7 @@ def make_optimizers(model, args, device):
     the embedding (tied to the output head) and the norms, which Muon's orthogonalised update does not
     suit. Muon's update is scaled to the RMS of AdamW's (adjust_lr_fn="match_rms_adamw", Moonshot's rule),
     so --learning_rate serves both unless --muon_learning_rate is given."""
-    named = list(model.named_parameters())
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters
     to_muon = {name for name, p in named if args.optimizer == "muon" and p.dim() == 2 and "layers." in name}
     decay = [p for name, p in named if name not in to_muon and p.dim() >= 2]
     no_decay = [p for name, p in named if p.dim() < 2]
@@ -269,16 +417,20 @@ def ignore_stop_signals(worker_id):
 
 
 def make_loader(args, tokenizer, split, rank, world_size, device, start_sample=0):
-    if args.mode == "sft":
-        dataset_class = SFTDataset
+    collate_fn = collate_preferences if args.mode == "dpo" else collate
+    if args.mode in ("sft", "dpo"):
+        dataset_class = SFTDataset if args.mode == "sft" else PreferenceDataset
     else:
         dataset_class = partial(PretrainDataset, token_cache=args.token_cache if split == "train" else None)
-    dataset = dataset_class(args.data_path, tokenizer, args.max_seq_len, split=split,
+    data_path = args.data_path
+    if split == "val" and args.val_data_path is not None:
+        data_path, dataset_class = args.val_data_path, partial(dataset_class, val_every=1)  # all lines held out
+    dataset = dataset_class(data_path, tokenizer, args.max_seq_len, split=split,
                             epochs=args.epochs if split == "train" else 1, rank=rank,
                             world_size=world_size, batch_size=args.batch_size, start_sample=start_sample,
                             strict=args.strict, max_bad_fraction=args.max_bad_fraction, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+                        collate_fn=partial(collate_fn, pad_id=tokenizer.pad_token_id),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     return dataset, loader
 
@@ -365,12 +517,13 @@ def save_atomically(path, write):
 
 
 def list_checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first."""
+    """Complete checkpoints in out_dir, oldest first. A LoRA run's hold the adapters, not the model."""
     if not os.path.isdir(out_dir):
         return []
     steps = [int(name.split("-")[1]) for name in os.listdir(out_dir)
              if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-             and all(os.path.isfile(os.path.join(out_dir, name, f)) for f in (STATE_FILE, "model.safetensors"))]
+             and os.path.isfile(os.path.join(out_dir, name, STATE_FILE))
+             and any(os.path.isfile(os.path.join(out_dir, name, f)) for f in ("model.safetensors", ADAPTER_WEIGHTS))]
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
 
 
@@ -380,6 +533,13 @@ def remove_debris(out_dir):
         for name in os.listdir(out_dir):
             if ".tmp" in name or ".deleting" in name or ".old" in name:
                 shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def model_weights(model, raw_model, args, world_size):
+    """The state dict of the model as an ordinary checkpoint: gathered from DDP or FSDP, adapters merged."""
+    if args.lora_rank:
+        return merged_state_dict(raw_model)  # DDP holds the whole model on every rank; FSDP is refused
+    return full_model_state(model) if world_size > 1 else raw_model.state_dict()
 
 
 def full_model_state(model):
@@ -399,6 +559,128 @@ def full_state(model, optimizers):
 def load_optimizer_state(model, optimizers, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
+
+
+# --- what a step minimises ------------------------------------------------------------------------
+# An objective gives a step's loss and the statistics logged with it, and the validation metrics. A step
+# weighs every "item" of it equally, whatever micro-batch or rank holds it: a labelled token, or a pair.
+
+class LanguageModelLoss:
+    """Pretraining and SFT: cross-entropy of the labelled tokens; validation: loss per token and bits per
+    byte = nll (nats) / (ln 2 * bytes) over the predicted tokens that stand for text (special tokens such as
+    <|endoftext|> and <|im_end|> have no bytes and are left out of both sums)."""
+    stat_names = ()
+    val_names = ("nll", "tokens", "text_nll", "text_bytes")
+
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+
+    def items(self, labels):
+        return int((labels[:, 1:] != -100).sum())
+
+    def __call__(self, forward, input_ids, labels, num_items):
+        return forward(input_ids, labels=labels, num_items_in_batch=num_items).loss, []
+
+    def val_sums(self, logits, input_ids, labels):
+        targets = labels[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="none")
+        self.token_bytes = self.token_bytes.to(targets.device)
+        target_bytes = torch.where(targets != -100, self.token_bytes[targets.clamp(min=0)], 0).flatten()
+        return [nll.sum(), (targets != -100).sum(), nll[target_bytes > 0].sum(), target_bytes.sum()]
+
+    def val_record(self, sums):
+        if not sums["tokens"]:
+            return {}, []
+        loss = sums["nll"] / sums["tokens"]
+        record = {"val_loss": round(loss, 6), "val_ppl": round(math.exp(loss), 3)}
+        message = [f"val_loss {loss:.4f}, perplexity {math.exp(loss):.2f}"]
+        if sums["text_bytes"]:
+            bpb = sums["text_nll"] / (math.log(2) * sums["text_bytes"])
+            record["val_bpb"] = round(bpb, 6)
+            message.append(f"bpb {bpb:.4f}")
+        return record, message
+
+
+def sequence_log_probs(logits, labels):
+    """log p(labelled tokens) of each row: the sum over its tokens (labels aligned with the inputs)."""
+    targets = labels[:, 1:]
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (targets != -100)).sum(-1)
+
+
+class DPOLoss:
+    """Direct Preference Optimization (Rafailov et al. 2023, "Direct Preference Optimization: Your Language
+    Model is Secretly a Reward Model"), the sigmoid loss of a pair:
+        -log sigmoid(r_chosen - r_rejected),   r = beta * (log pi(answer | prompt) - log ref(answer | prompt))
+    with log-probabilities summed over the answer's tokens. r is the answer's implicit reward; the pair's
+    reward margin is r_chosen - r_rejected, and the reward accuracy the share of pairs where it is positive.
+    Batches hold the chosen rows, then the rejected ones (dataset.collate_preferences).
+
+    `reference(input_ids)` gives the frozen reference model's logits. Held-out preference accuracy is the
+    share of pairs where the model itself gives the chosen answer the higher log-probability: unlike the
+    rewards it means something before training too."""
+    stat_names = ("reward_margin", "reward_accuracy")
+    val_names = ("loss", "pairs", "reward_margin", "reward_accuracy", "preference_accuracy")
+
+    def __init__(self, beta, reference):
+        self.beta, self.reference = beta, reference
+
+    def items(self, labels):
+        return labels.shape[0] // 2
+
+    def _pairs(self, logits, reference_log_probs, labels):
+        """(reward margins, log pi(chosen) - log pi(rejected)) of the batch's pairs."""
+        policy = sequence_log_probs(logits, labels)
+        chosen, rejected = (self.beta * (policy - reference_log_probs)).chunk(2)
+        policy_chosen, policy_rejected = policy.chunk(2)
+        return chosen - rejected, policy_chosen - policy_rejected
+
+    def _reference_log_probs(self, input_ids, labels):
+        # Before the policy's forward: with LoRA the reference switches the adapters off and on again,
+        # which must not happen between a forward and its backward.
+        with torch.no_grad():
+            return sequence_log_probs(self.reference(input_ids), labels)
+
+    def __call__(self, forward, input_ids, labels, num_items):
+        reference_log_probs = self._reference_log_probs(input_ids, labels)
+        margin, _ = self._pairs(forward(input_ids).logits, reference_log_probs, labels)
+        loss = -F.logsigmoid(margin).sum() / num_items
+        return loss, [margin.detach().sum(), (margin > 0).sum()]
+
+    def val_sums(self, logits, input_ids, labels):
+        margin, preference = self._pairs(logits, self._reference_log_probs(input_ids, labels), labels)
+        return [-F.logsigmoid(margin).sum(), margin.new_tensor(margin.numel()), margin.sum(), (margin > 0).sum(),
+                (preference > 0).sum()]
+
+    def val_record(self, sums):
+        if not sums["pairs"]:
+            return {}, []
+        record = {f"val_{name}": round(sums[name] / sums["pairs"], 6) for name in self.val_names if name != "pairs"}
+        return record, [f"{name} {value:.4f}" for name, value in record.items()]
+
+
+def make_objective(args, raw_model, tokenizer, device):
+    if args.mode != "dpo":
+        return LanguageModelLoss(token_byte_lengths(tokenizer))
+    if args.lora_rank:
+        def reference(input_ids):
+            # The model without its adapters is --init_from's; in eval mode, as a reference has no dropout.
+            was_training = raw_model.training
+            raw_model.eval()
+            try:
+                with adapters_disabled(raw_model):
+                    return raw_model(input_ids).logits
+            finally:
+                raw_model.train(was_training)
+    else:
+        frozen = build_model(argparse.Namespace(**{**vars(args), "dropout": 0.0}), tokenizer, None)
+        frozen = frozen.to(device).eval().requires_grad_(False)
+
+        def reference(input_ids):
+            return frozen(input_ids).logits
+    return DPOLoss(args.dpo_beta, reference)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -470,48 +752,33 @@ def token_byte_lengths(tokenizer):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, autocast, world_size, token_bytes):
-    """Validation loss per token and bits per byte over up to --eval_batches batches on each rank, summed
-    over all ranks; (None, None) when the validation split is empty (a file of under 200 lines has none).
-
-    bits per byte = nll (nats) / (ln 2 * bytes) over the predicted tokens that stand for text; special
-    tokens (<|endoftext|>, <|im_end|>) have no bytes and are left out of both sums."""
+def evaluate(model, loader, args, device, autocast, world_size, objective):
+    """The objective's validation metrics over up to --eval_batches batches on each rank, summed over all
+    ranks: (record, message parts), empty when the validation split is (a file of under 200 lines has none)."""
     model.eval()
-    loss_sum, tokens, text_loss_sum, text_bytes = 0.0, 0, 0.0, 0
-    token_bytes = token_bytes.to(device)
+    sums = torch.zeros(len(objective.val_names), dtype=torch.float64, device=device)
     batches = iter(loader)
     for _ in range(args.eval_batches):
         batch = next(batches, None)
         if all_reduce_sum([batch is not None], device, world_size)[0] == 0:
             break
-        if batch is None:
-            # Ranks may hold one batch more than others. Every rank must run the same number of forwards
-            # (DDP broadcasts buffers, FSDP all-gathers weights), so this one runs a forward counting nothing.
-            batch = {"input_ids": torch.zeros((1, 2), dtype=torch.long),
-                     "labels": torch.full((1, 2), -100, dtype=torch.long)}
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        targets = batch["labels"][:, 1:].to(device, non_blocking=True)
         with autocast:
-            logits = model(input_ids).logits[:, :-1]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                              reduction="none")
-        target_bytes = torch.where(targets != -100, token_bytes[targets.clamp(min=0)], 0).flatten()
-        loss_sum += nll.sum().item()
-        tokens += int((targets != -100).sum())
-        text_loss_sum += nll[target_bytes > 0].sum().item()
-        text_bytes += int(target_bytes.sum())
+            if batch is None:
+                # Ranks may hold one batch more than others. Every rank must run the same number of forwards
+                # (DDP broadcasts buffers, FSDP all-gathers weights), so this one runs a forward counting nothing.
+                model(torch.zeros((1, 2), dtype=torch.long, device=device))
+                continue
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            sums += torch.stack([v.double() for v in objective.val_sums(model(input_ids).logits, input_ids, labels)])
     model.train()
-    loss_sum, tokens, text_loss_sum, text_bytes = all_reduce_sum(
-        [loss_sum, tokens, text_loss_sum, text_bytes], device, world_size)
-    if not tokens:
-        return None, None
-    return loss_sum / tokens, text_loss_sum / (math.log(2) * text_bytes) if text_bytes else None
+    return objective.val_record(dict(zip(objective.val_names, all_reduce_sum(sums.tolist(), device, world_size))))
 
 
 def task_scores(model, raw_model, tokenizer, args, device, world_size, is_main):
     """--eval_tasks: {"task/metric": value} from lm-eval for the model as it is now. Rank 0 saves it to a
     temporary model directory and evaluates that with eval.py; the other ranks wait."""
-    state_dict = full_model_state(model) if world_size > 1 else raw_model.state_dict()
+    state_dict = model_weights(model, raw_model, args, world_size)
     scores = {}
     if is_main:
         import tempfile
@@ -579,6 +846,7 @@ def train(args):
         print("warning: SFT on a randomly initialised model; pass --init_from a pretrained model",
               file=sys.stderr)
     raw_model = model.to(device)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     flops_per_token = raw_model.flops_per_token(args.max_seq_len)
     model = wrap_model(raw_model, args, world_size, device, dtype)
     optimizers = make_optimizers(model, args, device)
@@ -621,7 +889,8 @@ def train(args):
 
     def elapsed():
         return time.time() - run_start
-    logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) "
+    logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained "
+                 f"({trainable / raw_model.num_params():.1%}), {world_size} process(es) "
                  f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
                  f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
 
@@ -635,7 +904,10 @@ def train(args):
             path = os.path.join(args.out_dir, f"checkpoint-{step}")
 
             def write(tmp):
-                write_model_dir(tmp, raw_model, model_state, tokenizer)
+                if args.lora_rank:
+                    write_adapter_dir(tmp, model_state, args)  # the base is --init_from, unchanged
+                else:
+                    write_model_dir(tmp, raw_model, model_state, tokenizer)
                 torch.save({"step": step, "max_steps": max_steps, "samples_seen": samples_seen,
                             "tokens_seen": tokens_seen, "elapsed_s": elapsed(),
                             "optimizer": optimizer_state, "scaler": scaler.state_dict(),
@@ -650,17 +922,11 @@ def train(args):
             dist.barrier()  # nobody reads or resumes from a checkpoint that is still being written
         return os.path.join(args.out_dir, f"checkpoint-{step}")
 
-    token_bytes = token_byte_lengths(tokenizer)
+    objective = make_objective(args, raw_model, tokenizer, device)
 
     def validate(step):
-        val_loss, val_bpb = evaluate(model, val_loader, args, device, autocast, world_size, token_bytes)
-        record, message = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 1)}, []
-        if val_loss is not None:
-            record.update(val_loss=round(val_loss, 6), val_ppl=round(math.exp(val_loss), 3))
-            message.append(f"val_loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-        if val_bpb is not None:
-            record["val_bpb"] = round(val_bpb, 6)
-            message.append(f"bpb {val_bpb:.4f}")
+        metrics, message = evaluate(model, val_loader, args, device, autocast, world_size, objective)
+        record = {"step": step, "tokens": tokens_seen, "elapsed_s": round(elapsed(), 1), **metrics}
         if args.eval_tasks:
             scores = task_scores(model, raw_model, tokenizer, args, device, world_size, is_main)
             record.update(scores)
@@ -668,8 +934,10 @@ def train(args):
         if message:
             logger.log(record)
             logger.write(f"step {step}: " + ", ".join(message))
-        return val_loss
+        return record.get("val_loss")
 
+    if args.mode == "dpo" and start_step == 0:
+        validate(0)  # the held-out preference accuracy before any training: what DPO improves on
     model.train()
     batches = iter(train_loader)
     bad_steps_in_row, step, val_loss, checkpoint = 0, start_step, None, None
@@ -687,10 +955,12 @@ def train(args):
         micro_batches = [b for b in (next(batches, None) for _ in range(args.accumulation_steps))
                          if b is not None]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        # One collective agrees on three things: the step's token count, whether any rank ran out of data,
-        # and whether any rank was asked to stop (signals reach ranks at different moments).
-        step_tokens, short_ranks, stopping = all_reduce_sum(
-            [local_tokens, len(micro_batches) < args.accumulation_steps, bool(stop_signal)], device, world_size)
+        local_items = sum(objective.items(b["labels"]) for b in micro_batches)
+        # One collective agrees on four things: the step's token and item counts, whether any rank ran out of
+        # data, and whether any rank was asked to stop (signals reach ranks at different moments).
+        step_tokens, step_items, short_ranks, stopping = all_reduce_sum(
+            [local_tokens, local_items, len(micro_batches) < args.accumulation_steps, bool(stop_signal)],
+            device, world_size)
         if stopping:
             path = checkpoint or save_checkpoint(step)
             logger.write(f"stopped by a signal after step {step}; checkpoint in {path}.\n"
@@ -707,6 +977,7 @@ def train(args):
             samples_seen += samples_per_step
             continue
         loss_sum = torch.zeros((), device=device)
+        stat_sums = torch.zeros(len(objective.stat_names), device=device)
         for i, batch in enumerate(micro_batches):
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
@@ -717,14 +988,17 @@ def train(args):
             no_sync = model.no_sync() if world_size > 1 and not args.fsdp and not sync else contextlib.nullcontext()
             with no_sync:
                 with autocast:
-                    # DDP and FSDP average gradients over ranks, hence world_size / all tokens of the step.
-                    loss = forward(input_ids, labels=labels, num_items_in_batch=step_tokens / world_size).loss
+                    # DDP and FSDP average gradients over ranks, hence world_size / all items of the step.
+                    loss, stats = objective(forward, input_ids, labels, step_items / world_size)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            if stats:
+                stat_sums += torch.stack([v.float() for v in stats])
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        step_loss = all_reduce_sum([loss_sum.item()], device, world_size)[0] / world_size
+        step_loss, *step_stats = all_reduce_sum([loss_sum.item(), *stat_sums.tolist()], device, world_size)
+        step_loss /= world_size
         finite = math.isfinite(step_loss) and (scaler.is_enabled() or math.isfinite(float(grad_norm)))
         if finite:
             for optimizer in optimizers:
@@ -753,6 +1027,8 @@ def train(args):
             # MFU counts all positions (padding too): it measures the hardware, not the data.
             mfu = flops_per_token * tokens_per_sec / world_size / peak_flops
             logger.log({"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens_seen,
+                        "trainable_params": trainable,
+                        **{name: round(value / step_items, 6) for name, value in zip(objective.stat_names, step_stats)},
                         "elapsed_s": round(elapsed(), 1),
                         "tokens_per_sec": round(tokens_per_sec, 1),
                         "tokens_per_sec_per_device": round(tokens_per_sec / world_size, 1),
@@ -769,15 +1045,18 @@ def train(args):
 
     if step > start_step and step % args.eval_interval != 0:
         val_loss = validate(step)
-    model_state = full_model_state(model) if world_size > 1 else raw_model.state_dict()
+    model_state = model_weights(model, raw_model, args, world_size)
     if is_main:
         save_final_model(args.out_dir, raw_model, model_state, tokenizer)
+        if args.lora_rank:
+            save_atomically(os.path.join(args.out_dir, ADAPTER_DIR),
+                            lambda tmp: write_adapter_dir(tmp, raw_model.state_dict(), args))
     if world_size > 1:
         dist.barrier()
     logger.close()
     if is_main:
-        summary = f"val_loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" if val_loss is not None \
-            else "no validation lines"
+        summary = "no validation lines" if val_loss is None else f"val_loss {val_loss:.4f}" + (
+            "" if args.mode == "dpo" else f" (perplexity {math.exp(val_loss):.2f})")  # DPO's is per pair
         print(f"done: {step} steps, {tokens_seen / 1e6:.2f}M tokens, {summary}; model saved to {args.out_dir}/")
     return val_loss
 

@@ -72,6 +72,25 @@ def sft_file(tmp_path):
     return write_jsonl(tmp_path / "sft_small.jsonl", shipped_lines("sft_poetry.jsonl.gz", 400))
 
 
+def preference_pairs(count):
+    """Preference pairs from shipped SFT lines, alternating the two formats: a question, its own answer
+    (chosen) and the next line's (rejected)."""
+    lines = shipped_lines("sft_poetry.jsonl.gz", count + 1)
+    pairs = []
+    for i, (line, other) in enumerate(zip(lines, lines[1:])):
+        prompt, answer, wrong = line["messages"][:-1], line["messages"][-1], other["messages"][-1]
+        if i % 2:
+            pairs.append({"prompt": prompt[-1]["content"], "chosen": answer["content"], "rejected": wrong["content"]})
+        else:
+            pairs.append({"prompt": prompt, "chosen": [answer], "rejected": [wrong]})
+    return pairs
+
+
+@pytest.fixture
+def dpo_file(tmp_path):
+    return write_jsonl(tmp_path / "dpo_small.jsonl", preference_pairs(400))
+
+
 @pytest.fixture
 def belle_file(tmp_path):
     return write_jsonl(tmp_path / "sft_belle.jsonl", shipped_lines("sft_poetry_belle.jsonl.gz", 200))

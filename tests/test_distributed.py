@@ -14,6 +14,7 @@ its own (test_val_loss_with_uneven_batches_over_ranks uses them).
 """
 import glob
 import json
+import math
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, shipped_lines, write_jsonl
+from conftest import REPO, TINY_MODEL_ARGS, preference_pairs, shipped_lines, write_jsonl
 
 TRAIN = os.path.join(REPO, "train_model.py")
 PROBE = os.path.join(REPO, "tests", "ddp_probe.py")
@@ -72,6 +73,11 @@ RUNS = {
                  TRAIN, None),
     "sftacc_2": (2, "sft", ["--mode", "sft", "--batch_size", "2", "--accumulation_steps", "2"],
                  TRAIN, None),
+    # DPO with LoRA: the reference is the model with its adapters off, in each rank's forward.
+    "dpolora_1": (1, "dpo", ["--init_from", "BASE", "--lora_rank", "4", "--batch_size", "4",
+                             "--accumulation_steps", "2", "--learning_rate", "1e-2"], TRAIN, None),
+    "dpolora_2": (2, "dpo", ["--init_from", "BASE", "--lora_rank", "4", "--batch_size", "2",
+                             "--accumulation_steps", "2", "--learning_rate", "1e-2"], TRAIN, None),
     "probe": (2, "sft", ["--mode", "sft", "--batch_size", "2", "--accumulation_steps", "3",
                          "--max_steps", "2"], PROBE, None),
     # 2 ranks x batch 2 continue pre_1's (1 process x batch 4) checkpoint-2 up to step 4.
@@ -88,6 +94,7 @@ SIGTERM_RANK = {"sigterm_2": 1}
 NEEDS = {
     "test_ddp_matches_single_process": ["pre_1", "pre_2", "acc_1", "acc_2", "sftacc_1", "sftacc_2", "muon_1",
                                         "muon_2"],
+    "test_dpo_with_lora_under_ddp_matches_single_process": ["dpolora_1", "dpolora_2"],
     "test_gradient_sync_happens_only_in_the_last_backward_of_a_step": ["probe"],
     "test_synced_gradient_is_the_token_weighted_gradient_of_the_whole_step": ["probe"],
     "test_only_rank_0_writes": ["pre_1", "pre_2"],
@@ -274,13 +281,14 @@ def last_logged_step(out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory):
+def runs(request, tmp_path_factory, base_model):
     """name -> Run, for the runs the selected tests of this module need, launched PARALLEL_RUNS at a time."""
     base = tmp_path_factory.mktemp("distributed")
     data = {
         "pretrain400": write_jsonl(base / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 400)),
         "pretrain": write_jsonl(base / "pretrain600.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 600)),
         "sft": write_jsonl(base / "sft_small.jsonl", shipped_lines("sft_poetry.jsonl.gz", 400)),
+        "dpo": write_jsonl(base / "dpo_small.jsonl", preference_pairs(400)),
     }
     here = request.module.__name__
     selected = {item.originalname for item in request.session.items if item.module.__name__ == here}
@@ -295,7 +303,8 @@ def runs(request, tmp_path_factory):
             if prerequisite.returncode != 0:
                 return prerequisite
         out_dir = str(base / name)
-        extra = [a.replace("@", str(base) + os.sep) if a.startswith("@") else a for a in extra]
+        extra = [a.replace("@", str(base) + os.sep) if a.startswith("@") else base_model if a == "BASE" else a
+                 for a in extra]
         argv = ["--data_path", data[data_name], "--out_dir", out_dir, *COMMON, *extra]
         if data_name.startswith("pretrain"):
             # The token cache gives every number of ranks one global order of blocks (streaming ranks
@@ -361,6 +370,21 @@ def test_ddp_matches_single_process(runs, single, ranks):
     # the two runs' gradients reach the weights as bf16-sized ones (measured 4.5e-5 after 4 steps).
     tol = 1e-4 if single == "muon_1" else TOL
     assert_same_weights(two.weights(), one.weights(), tol, f"final weights of {ranks} vs {single}")
+
+
+def test_dpo_with_lora_under_ddp_matches_single_process(runs):
+    """DPO with LoRA, 2 ranks x 2 pairs x 2 micro-batches vs 1 process x 4 pairs x 2: every pair of the step
+    weighs the same, and each rank's reference (its own model with the adapters off) is the same model."""
+    one, two = runs["dpolora_1"].check(), runs["dpolora_2"].check()
+    assert_same_losses(two, one, [1, 2, 3, 4], TOL)
+    for key in ("reward_margin", "reward_accuracy"):
+        assert [r[key] for r in one.metrics() if "loss" in r] == \
+            pytest.approx([r[key] for r in two.metrics() if "loss" in r], abs=TOL)
+    # Step 1's policy is the reference (the adapters start at zero): loss log 2; then the adapters train.
+    losses = one.losses()
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert max(abs(losses[step] - math.log(2)) for step in (2, 3, 4)) > 100 * TOL, f"training barely moved: {losses}"
+    assert_same_weights(two.weights(), one.weights(), TOL, "final (merged) weights, 2 ranks vs 1")
 
 
 # --- 2. gradient sync: only in the last backward of a step, and the right gradient -------------------

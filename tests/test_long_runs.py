@@ -94,7 +94,7 @@ class ForwardSpy:
 
         def forward(model, input_ids, labels=None, cache=None, num_items_in_batch=None):
             out = original(model, input_ids, labels=labels, cache=cache, num_items_in_batch=num_items_in_batch)
-            if model.training and labels is not None:
+            if model.training and torch.is_grad_enabled():  # not evaluations, nor DPO's reference
                 self.calls += 1
                 if self.corrupt is not None:
                     self.corrupt(self.calls, model, out)
@@ -155,14 +155,18 @@ RESUME_CASES = {
     "sft-init_from-dropout": ("sft", ["--dropout", "0.1", "--init_from", "BASE"]),
     # Muon's momentum buffers and AdamW's moments, both in the checkpoint; WSD's schedule.
     "pretrain-muon-wsd": ("pretrain", ["--optimizer", "muon", "--lr_schedule", "wsd", "--decay_fraction", "0.5"]),
+    # The checkpoints hold the adapters and their optimizer state only; the base comes from --init_from.
+    "sft-lora-dropout": ("sft", ["--init_from", "BASE", "--lora_rank", "4", "--lora_dropout", "0.1"]),
+    "dpo": ("dpo", ["--init_from", "BASE"]),
+    "dpo-lora": ("dpo", ["--init_from", "BASE", "--lora_rank", "4"]),
 }
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrain_file, sft_file,
+def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrain_file, sft_file, dpo_file,
                                                          base_model, monkeypatch):
     kind, extra = RESUME_CASES[case]
-    data = pretrain_file if kind == "pretrain" else sft_file
+    data = {"pretrain": pretrain_file, "sft": sft_file, "dpo": dpo_file}[kind]
     extra = [base_model if a == "BASE" else a for a in extra]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     argv = ["--max_steps", "4", "--save_interval", "2", *extra]
