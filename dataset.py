@@ -527,9 +527,11 @@ _cache_worker = None  # (tokenizer, parse, end_of_text, dtype) in a token cache 
 
 def _start_cache_worker(tokenizer, parse, end_of_text, dtype):
     global _cache_worker
-    # One thread per worker: the processes are the parallelism. Ctrl-C is the main process's to handle.
+    # One thread per worker: the processes are the parallelism. Ctrl-C is the main process's to handle;
+    # SIGTERM must kill (the pool's terminate() sends it), whatever handler the forking process had.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _cache_worker = (tokenizer, parse, end_of_text, dtype)
 
 

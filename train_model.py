@@ -1083,6 +1083,9 @@ def resume_command(checkpoint):
 def main(argv=None):
     args = parse_args(argv)
     error, stopped = None, None
+    # train() turns Ctrl-C and SIGTERM into "stop after this step"; a caller in the same process (tests,
+    # a notebook) gets its own handlers back when it returns.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(args)
     except Stopped as e:
@@ -1092,6 +1095,8 @@ def main(argv=None):
         last_line = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         error = last_line.split("DataError: ", 1)[-1]
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
         # DataLoader workers ignore SIGTERM (see ignore_stop_signals). After an error the loader's shutdown
