@@ -4,6 +4,7 @@
     python bench.py --no-compile                 without torch.compile (training step, decoding step)
     python bench.py --device cuda --config 215m  the 215M recipe's model on a GPU (bf16 autocast)
     python bench.py --quick --json               small sizes, JSON instead of the table (smoke tests)
+    python bench.py --trl runs/demo/sft          our SFT, DPO and LoRA SFT steps against TRL's trainers
 
 Five sections, each a figure of ours against a peer's, with a goal:
   1. train step tokens/s: model.Transformer against transformers' LlamaForCausalLM loaded from our own
@@ -865,8 +866,10 @@ def bench_trl(args, device):
         for name, (ours_step, trl_step, tokens, same_batch, ours_first, trl_first) in races.items():
             with torch.no_grad(), autocast_for(device):  # the weights both start the race with
                 first = {"ours": ours_first(), "trl": trl_first()}
-            seconds, _ = race({"ours": ours_step, "trl": trl_step}, device, sizes["train_rounds"],
-                              sizes["train_budget_s"])
+            contenders = {"ours": ours_step, "trl": trl_step}
+            if name == "SFT (SFTTrainer)":  # what TRL adds to a bare HF step (section 1's peer) on these weights
+                contenders["hf"] = train_step_fn(copy.deepcopy(hf).train(), ids, labels, device)
+            seconds, _ = race(contenders, device, sizes["train_rounds"], sizes["train_budget_s"])
             difference = max(abs(a - b) for a, b in zip(first["ours"], first["trl"]))
             results["rows"][name] = {
                 "tokens_per_s": {k: tokens / best(v) for k, v in seconds.items()},
@@ -879,8 +882,10 @@ def bench_trl(args, device):
 
 
 def trl_rows(t):
-    return [row("TRL race", name, "tok/s", r["tokens_per_s"]["ours"], r["tokens_per_s"]["trl"], r["ratio"],
-                TRL_GOAL) for name, r in t["rows"].items()]
+    out = [row("TRL race", name, "tok/s", r["tokens_per_s"]["ours"], r["tokens_per_s"]["trl"], r["ratio"],
+               TRL_GOAL) for name, r in t["rows"].items()]
+    tps = t["rows"]["SFT (SFTTrainer)"]["tokens_per_s"]
+    return out + [row("TRL race", "bare HF step vs SFTTrainer", "tok/s", tps["hf"], tps["trl"], tps["hf"] / tps["trl"])]
 
 
 def trl_header(t):
