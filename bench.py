@@ -4,6 +4,7 @@
     python bench.py --no-compile                 without torch.compile (training step, decoding step)
     python bench.py --device cuda --config 215m  the 215M recipe's model on a GPU (bf16 autocast)
     python bench.py --quick --json               small sizes, JSON instead of the table (smoke tests)
+    python bench.py --trl runs/demo/sft          our SFT, DPO and LoRA SFT steps against TRL's trainers
 
 Five sections, each a figure of ours against a peer's, with a goal:
   1. train step tokens/s: model.Transformer against transformers' LlamaForCausalLM loaded from our own
@@ -36,6 +37,7 @@ import contextlib
 import copy
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -49,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import PretrainDataset, build_token_cache, cache_dtype, collate, open_binary, parse_text, read_records
+from dataset import (PretrainDataset, build_token_cache, cache_dtype, collate, collate_preferences, open_binary,
+                     parse_text, read_records)
 from model import ModelConfig, Transformer
-from train_model import make_optimizers, measure_matmul_flops, synchronize
+from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -73,6 +76,7 @@ SIZES = {
 GOALS = {  # minimum ratio of ours to the peer's
     "train_eager": 1.0, "train_compiled": 1.2, "muon_vs_adamw": 1 / 1.15, "useful_tokens": 4.0, "gen_vs_hf": 2.0,
     "gen_vs_recompute": 5.0, "data_vs_train": 20.0, "cache_2_workers": 1.7, "loader_vs_h200": 1.0,
+    "trl_step": 2.0,  # --trl: each of SFT, DPO and LoRA SFT
 }
 H200_TOKENS_PER_S = 300_000  # the 215M recipe on one H200 at about 40% MFU: what the data path must feed
 
@@ -157,6 +161,12 @@ def autocast_for(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def loss_tolerance(device):
+    """How far two implementations' losses on the same weights and batch may differ: float32 rounding on
+    CPU, bf16 autocast's on GPU."""
+    return 2e-2 if device.type == "cuda" else 1e-4
 
 
 def train_step_fn(model, input_ids, labels, device, optimizer="adamw"):
@@ -365,7 +375,7 @@ def bench_train(args, sizes, tokenizer, device, log):
         "batch_size": sizes["batch_size"], "seq_len": seq, "params": ours.num_params(),
         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
         "loss_ours": loss_ours, "loss_hf": loss_hf,
-        "same_loss": abs(loss_ours - loss_hf) < (2e-2 if device.type == "cuda" else 1e-4),
+        "same_loss": abs(loss_ours - loss_hf) < loss_tolerance(device),
         "tokens_per_s": {name: tokens / best(seconds[name]) for name in contenders
                          if name not in ("matmul_peak", "matmuls_only")},
         "matmuls_only_tokens_per_s": tokens / best(seconds["matmuls_only"]),
@@ -674,6 +684,233 @@ def print_footer(results):
         print(f"section {key} FAILED: {error}")
 
 
+# --- against TRL: SFT, DPO and LoRA SFT (python bench.py --trl [MODEL_DIR]) --------------------------
+
+# The README's LoRA run: rank 16, alpha 32, on train_model.py's default targets (attention and MLP).
+TRL_LORA = argparse.Namespace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=",".join(LORA_TARGETS))
+TRL_DATA = {"sft": "data/sft_poetry.jsonl.gz", "dpo": "data/dpo_poetry.jsonl.gz"}  # shipped, beside bench.py
+
+
+def shipped(path):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+
+
+def trl_models(args, tokenizer, device):
+    """Our Transformer and LlamaForCausalLM with the same weights: --trl's model, or a random one of
+    --config's shape."""
+    from transformers import AutoModelForCausalLM
+    if not args.trl:
+        return ours_and_hf(model_config(args.config, len(tokenizer), 1024), device, args.seed)
+    ours = Transformer.from_pretrained(args.trl, strict=True)
+    hf = AutoModelForCausalLM.from_pretrained(args.trl, dtype=torch.float32, attn_implementation="sdpa")
+    return ours.to(device), hf.to(device)
+
+
+def trl_config(config_class, out_dir, batch_size, device, seed, **kwargs):
+    """TRL's arguments for one step as section 1's: AdamW at 3e-4 with betas (0.9, 0.95) and weight decay
+    0.1, bf16 on GPU, float32 on CPU; nothing logged, saved or evaluated."""
+    return config_class(output_dir=out_dir, per_device_train_batch_size=batch_size, learning_rate=3e-4,
+                        adam_beta2=0.95, weight_decay=0.1, bf16=device.type == "cuda",
+                        use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
+                        logging_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=seed,
+                        disable_tqdm=True, **kwargs)
+
+
+def trainer_step_fn(trainer, inputs):
+    """One step of a TRL trainer as Trainer.train runs it (compute_loss, backward, optimizer step),
+    without its data loading, logging and gradient clipping, which our step does not time either."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=1_000_000)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its steps
+    model = trainer.model
+    model.train()
+
+    def step():
+        trainer.training_step(model, inputs)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def our_dpo_loss(model, reference, input_ids, labels, beta=0.1):
+    """train_model.py --mode dpo's loss of a preference batch: DPOLoss against a frozen reference model."""
+    from train_model import DPOLoss
+    objective = DPOLoss(beta, lambda ids: reference(ids).logits)
+    return objective(model, input_ids, labels, objective.items(labels))[0]
+
+
+def dpo_step_fn(model, reference, input_ids, labels, device):
+    """Our DPO step: as train_step_fn, with DPO's loss."""
+    optimizers = make_optimizers(model, argparse.Namespace(optimizer="adamw", learning_rate=3e-4,
+                                                           muon_learning_rate=None, weight_decay=0.1), device)
+    model.train()
+
+    def step():
+        with autocast_for(device):
+            loss = our_dpo_loss(model, reference, input_ids, labels)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def dpo_trl_inputs(trainer, labels, input_ids):
+    """Our preference batch (chosen rows, then rejected) in TRL's form: prompt_ids, and each answer as the
+    tokens from the first labelled one to the last (the template's newline after <|im_end|> is ours but
+    unlabelled; TRL would label it, so it is left out: it cannot change the log-probabilities before it)."""
+    chosen, rejected = labels.chunk(2)
+    examples = []
+    for row, (c, r) in enumerate(zip(chosen, rejected)):
+        c_pos, r_pos = (c != -100).nonzero().flatten(), (r != -100).nonzero().flatten()
+        start = int(c_pos[0])
+        ids_c, ids_r = input_ids[row], input_ids[len(chosen) + row]
+        assert int(r_pos[0]) == start and torch.equal(ids_c[:start], ids_r[:start])
+        examples.append({"prompt_ids": ids_c[:start].tolist(),
+                         "chosen_ids": ids_c[start:int(c_pos[-1]) + 1].tolist(),
+                         "rejected_ids": ids_r[start:int(r_pos[-1]) + 1].tolist()})
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def bench_trl(args, device):
+    """Our SFT, DPO and LoRA SFT steps against TRL's SFTTrainer, DPOTrainer and SFTTrainer + PEFT on the same
+    weights and batch: tokens/s (every token of the batch, padding included, the same for both) and the
+    first step's loss of each."""
+    import peft
+    import trl
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoTokenizer
+    from dataset import PreferenceDataset, encode_conversation, parse_conversation, parse_preference
+    from train_model import (adapter_hf_name, add_lora, is_lora_weight, lora_hf_names, lora_target_names,
+                             sequence_log_probs)
+    disable_progress_bars()
+    if args.trl and not os.path.isfile(os.path.join(args.trl, "model.safetensors")):
+        sys.exit(f"error: --trl {args.trl}: holds no model.safetensors; pass a directory written by train_model.py")
+    sizes = SIZES["quick" if args.quick else "full"]
+    n, seq = sizes["batch_size"], sizes["train_seq_len"] or CONFIGS[args.config]["train_seq_len"]
+    tokenizer = AutoTokenizer.from_pretrained(args.trl if args.trl and os.path.isfile(
+        os.path.join(args.trl, "tokenizer.json")) else args.tokenizer_path)
+    conversations = [m for _, m in itertools.islice(read_records(shipped(TRL_DATA["sft"]), parse_conversation), n)]
+    pairs = [p for _, p in itertools.islice(read_records(shipped(TRL_DATA["dpo"]), parse_preference), n)]
+    sft = collate([encode_conversation(tokenizer, m, seq) for m in conversations], tokenizer.pad_token_id)
+    preference_data = PreferenceDataset(shipped(TRL_DATA["dpo"]), tokenizer, seq)
+    dpo = collate_preferences([preference_data._encode(p) for p in pairs], tokenizer.pad_token_id)
+    ours, hf = trl_models(args, tokenizer, device)
+    results = {"machine": machine(device), "trl": trl.__version__, "peft": peft.__version__,
+               "model": args.trl or f"random, --config {args.config}", "params": ours.num_params(),
+               "batch_size": n, "seq_len": seq, "tolerance": loss_tolerance(device), "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        def sft_trainer(model, **kwargs):
+            return trl.SFTTrainer(model=model, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
+                              args=trl_config(trl.SFTConfig, tmp, n, device, args.seed, max_length=seq,
+                                              assistant_only_loss=True), **kwargs)
+
+        def sft_inputs(trainer):
+            """TRL's own batch (its tokenization and masking of our conversations), checked against ours."""
+            inputs = trainer._prepare_inputs(trainer.data_collator(list(trainer.train_dataset)))
+            same = torch.equal(inputs["input_ids"].cpu(), sft["input_ids"]) and \
+                torch.equal(inputs["labels"].cpu(), sft["labels"])
+            return inputs, same
+
+        ids, labels = sft["input_ids"].to(device), sft["labels"].to(device)
+        pref_ids, pref_labels = dpo["input_ids"].to(device), dpo["labels"].to(device)
+        # Each contender trains its own copy of the weights.
+        ours_lora = add_lora(copy.deepcopy(ours), TRL_LORA)
+        trl_sft = sft_trainer(copy.deepcopy(hf))
+        hf_targets = [lora_hf_names()[t] for t in lora_target_names(TRL_LORA.lora_targets)]  # q_proj, ...
+        trl_lora = sft_trainer(copy.deepcopy(hf), peft_config=peft.LoraConfig(
+            r=TRL_LORA.lora_rank, lora_alpha=TRL_LORA.lora_alpha, lora_dropout=TRL_LORA.lora_dropout,
+            target_modules=hf_targets, task_type="CAUSAL_LM"))
+        trl_dpo = trl.DPOTrainer(
+            model=copy.deepcopy(hf), ref_model=copy.deepcopy(hf).eval(), processing_class=tokenizer,
+            train_dataset=Dataset.from_list([dict(zip(("prompt", "chosen", "rejected"), p)) for p in pairs]),
+            args=trl_config(trl.DPOConfig, tmp, n, device, args.seed, beta=0.1, loss_type=["sigmoid"], max_length=seq))
+        sft_batch, sft_same = sft_inputs(trl_sft)
+        lora_batch, lora_same = sft_inputs(trl_lora)
+        dpo_batch = dpo_trl_inputs(trl_dpo, dpo["labels"], dpo["input_ids"])
+        reference = copy.deepcopy(ours).eval().requires_grad_(False)
+        # PEFT starts B at zero, which would make the first LoRA loss the base model's whatever the adapters:
+        # both get the same nonzero adapters, as after some training, so the loss checks targets and scale.
+        with torch.no_grad():
+            for name, p in ours_lora.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(std=0.02)
+        peft.set_peft_model_state_dict(trl_lora.model, {adapter_hf_name(k): v for k, v in ours_lora.state_dict().items()
+                                                        if is_lora_weight(k)})
+
+        def dpo_figures(loss, logits):
+            """The loss, then the mean log-probabilities of the chosen and the rejected answers."""
+            chosen, rejected = sequence_log_probs(logits, pref_labels).chunk(2)
+            return float(loss), float(chosen.mean()), float(rejected.mean())
+
+        def trl_dpo_figures():
+            loss, logged = trl_dpo.compute_loss(trl_dpo.model, dpo_batch), trl_dpo._metrics["train"]
+            return float(loss), logged["logps/chosen"][-1], logged["logps/rejected"][-1]
+        # name: (our step, TRL's, tokens per step, same batch, first figures of ours, of TRL's: loss first)
+        races = {
+            "SFT (SFTTrainer)": (
+                train_step_fn(copy.deepcopy(ours), ids, labels, device), trainer_step_fn(trl_sft, sft_batch),
+                ids.numel(), sft_same, lambda: (float(ours(ids, labels=labels).loss),),
+                lambda: (float(trl_sft.compute_loss(trl_sft.model, sft_batch)),)),
+            "DPO (DPOTrainer)": (
+                dpo_step_fn(copy.deepcopy(ours), reference, pref_ids, pref_labels, device),
+                trainer_step_fn(trl_dpo, dpo_batch), pref_ids.numel(), None,  # ours, given to TRL's collator
+                lambda: dpo_figures(our_dpo_loss(ours, reference, pref_ids, pref_labels), ours(pref_ids).logits),
+                trl_dpo_figures),
+            "LoRA SFT (SFTTrainer+PEFT)": (
+                train_step_fn(ours_lora, ids, labels, device), trainer_step_fn(trl_lora, lora_batch),
+                ids.numel(), lora_same, lambda: (float(ours_lora(ids, labels=labels).loss),),
+                lambda: (float(trl_lora.compute_loss(trl_lora.model, lora_batch)),)),
+        }
+        for name, (ours_step, trl_step, tokens, same_batch, ours_first, trl_first) in races.items():
+            with torch.no_grad(), autocast_for(device):  # the weights both start the race with
+                first = {"ours": ours_first(), "trl": trl_first()}
+            contenders = {"ours": ours_step, "trl": trl_step}
+            if name == "SFT (SFTTrainer)":  # what TRL adds to a bare HF step (section 1's peer) on these weights
+                contenders["hf"] = train_step_fn(copy.deepcopy(hf).train(), ids, labels, device)
+            seconds, _ = race(contenders, device, sizes["train_rounds"], sizes["train_budget_s"])
+            difference = max(abs(a - b) for a, b in zip(first["ours"], first["trl"]))
+            results["rows"][name] = {
+                "tokens_per_s": {k: tokens / best(v) for k, v in seconds.items()},
+                "ratio": speedup(seconds["ours"], seconds["trl"]), "rounds": len(seconds["ours"]),
+                "first": first, "difference": difference,
+                "same_loss": all(math.isclose(a, b, rel_tol=loss_tolerance(device), abs_tol=loss_tolerance(device))
+                                 for a, b in zip(first["ours"], first["trl"])), "same_batch": same_batch,
+            }
+    return results
+
+
+def trl_rows(t):
+    out = [row("TRL race", name, "tok/s", r["tokens_per_s"]["ours"], r["tokens_per_s"]["trl"], r["ratio"],
+               GOALS["trl_step"]) for name, r in t["rows"].items()]
+    tps = t["rows"]["SFT (SFTTrainer)"]["tokens_per_s"]
+    return out + [row("TRL race", "SFT: ours vs bare HF", "tok/s", tps["ours"], tps["hf"], tps["ours"] / tps["hf"]),
+                  row("TRL race", "SFT: bare HF vs SFTTrainer", "tok/s", tps["hf"], tps["trl"],
+                      tps["hf"] / tps["trl"])]
+
+
+def trl_header(t):
+    mach = t["machine"]
+    return [f"Tiny-LLM vs TRL {t['trl']} (peft {t['peft']}): {mach['cpu']}, {mach['cores']} cores "
+            f"({plural(mach['torch_threads'], 'torch thread')}), torch {mach['torch']}, device {mach['device']}; "
+            f"model {t['model']}, {t['params'] / 1e6:.2f}M parameters", table_line([name for name, _, _ in COLUMNS])]
+
+
+def trl_notes(t):
+    return [f"{name}: first step, ours vs TRL: loss {r['first']['ours'][0]:.6f} vs {r['first']['trl'][0]:.6f}"
+            + (f", mean log p(chosen) {r['first']['ours'][1]:.4f} vs {r['first']['trl'][1]:.4f}, (rejected) "
+               f"{r['first']['ours'][2]:.4f} vs {r['first']['trl'][2]:.4f}" if len(r["first"]["ours"]) > 1 else "")
+            + f": same {r['same_loss']} (largest difference {r['difference']:.1e}; tolerance {t['tolerance']:g}, "
+            "relative or absolute); "
+            + ("our batch given to TRL's collator" if r["same_batch"] is None
+               else f"TRL's own tokenization gave our batch: {r['same_batch']}")
+            + f"; {plural(r['rounds'], 'round')}" for name, r in t["rows"].items()] + [
+            f"batch {t['batch_size']} (DPO: {t['batch_size']} pairs) of at most {t['seq_len']} tokens from "
+            f"{TRL_DATA['sft']} and {TRL_DATA['dpo']}; LoRA rank {TRL_LORA.lora_rank}, alpha {TRL_LORA.lora_alpha:g} "
+            f"on {TRL_LORA.lora_targets}; a step: loss, backward, AdamW (TRL: Trainer.training_step + optimizer step)"]
+
+
 # --- serving: serve.py under load (python bench.py --serve MODEL_DIR) -------------------------------
 
 SERVE_QUESTIONS = ["请背诵《静夜思》", "《春晓》的作者是谁？", "写一首关于秋天的诗", "“床前明月光”出自哪首诗？",
@@ -977,6 +1214,10 @@ def parse_args(argv=None):
                    help=f"instead of the sections above, pretrain the demo model with two recipes ({', '.join(RECIPES)}) "
                         "one after the other and compare val_bpb against wall time (about 2 x 8 minutes on 2 "
                         "idle cores; --quick: a tiny smoke run)")
+    p.add_argument("--trl", nargs="?", const="", default=None, metavar="MODEL_DIR",
+                   help="instead of the sections above, race our SFT, DPO and LoRA SFT steps against TRL's "
+                        "SFTTrainer, DPOTrainer and SFTTrainer + PEFT on this model (without MODEL_DIR: a random "
+                        "model of --config's shape)")
     p.add_argument("--speedrun_dir", default="runs/speedrun", help="where --speedrun's runs are kept")
     return p.parse_args(argv)
 
@@ -1003,6 +1244,13 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # stdout/stderr stay readable (and --json stays pure)
     hf_logging.set_verbosity_error()
+    if args.trl is not None:
+        results = bench_trl(args, device)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print("\n".join(trl_header(results) + [format_row(r) for r in trl_rows(results)] + trl_notes(results)))
+        return results
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     sizes = SIZES["quick" if args.quick else "full"]
     started = time.perf_counter()

@@ -211,3 +211,25 @@ def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp
     assert results["target_bpb"] == target
     times = results["time_to_target"]
     assert results["time_ratio"] == pytest.approx(times["muon-wsd"] / times["adamw-cosine"])
+
+
+def test_quick_trl_race_starts_from_the_same_losses_as_trl(capsys):
+    """TRL is the oracle: on the same weights and batch, its SFTTrainer (assistant_only_loss), DPOTrainer and
+    SFTTrainer + PEFT compute the first step's loss (and DPO's log-probabilities) that ours do."""
+    results = bench.main(["--trl", "--quick", "--json", "--config", "tiny", "--tokenizer_path", TOKENIZER_DIR])
+    assert json.loads(capsys.readouterr().out)["rows"].keys() == results["rows"].keys()
+    rows = results["rows"]
+    assert list(rows) == ["SFT (SFTTrainer)", "DPO (DPOTrainer)", "LoRA SFT (SFTTrainer+PEFT)"]
+    for name, r in rows.items():
+        assert r["same_loss"], name
+        assert r["first"]["ours"] == pytest.approx(r["first"]["trl"], abs=1e-4), name
+        assert r["tokens_per_s"]["ours"] > 0 and r["tokens_per_s"]["trl"] > 0
+    # TRL's own chat-template tokenization and assistant masks give exactly our SFT batch.
+    assert rows["SFT (SFTTrainer)"]["same_batch"] and rows["LoRA SFT (SFTTrainer+PEFT)"]["same_batch"]
+    # Nothing is compared trivially: the SFT loss is a random model's (about ln vocab), the LoRA run's
+    # adapters change it, and DPO's loss starts at ln 2 (policy = reference) with real log-probabilities.
+    sft_loss = rows["SFT (SFTTrainer)"]["first"]["ours"][0]
+    assert sft_loss > 5 and abs(rows["LoRA SFT (SFTTrainer+PEFT)"]["first"]["ours"][0] - sft_loss) > 1e-3
+    dpo_loss, logp_chosen, logp_rejected = rows["DPO (DPOTrainer)"]["first"]["ours"]
+    assert dpo_loss == pytest.approx(math.log(2), abs=1e-6) and logp_chosen < -10 and logp_rejected < -10
+    assert all(bench.format_row(r).startswith("TRL race") for r in bench.trl_rows(results))
