@@ -412,7 +412,19 @@ class PretrainDataset(JsonlDataset):
         return {"input_ids": ids, "labels": ids}
 
 
-class SFTDataset(JsonlDataset):
+class ChatDataset(JsonlDataset):
+    """Records rendered through the tokenizer's chat template (SFT, DPO), mixed in windows of
+    `window_batches` global batches."""
+
+    def __init__(self, data_path, tokenizer, max_length, window_batches=64, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        self.window = window_batches * self.batch_size * self.world_size
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
+                            "SFT and DPO need one (train it with tokenizer.py)")
+
+
+class SFTDataset(ChatDataset):
     """Conversations rendered with the tokenizer's chat template; loss only on what the assistant says.
 
     The template's {% generation %} block marks each assistant turn's content and its <|im_end|>, so the
@@ -424,13 +436,6 @@ class SFTDataset(JsonlDataset):
     """
 
     parse = staticmethod(parse_conversation)
-
-    def __init__(self, data_path, tokenizer, max_length, window_batches=64, **kwargs):
-        super().__init__(data_path, tokenizer, max_length, **kwargs)
-        self.window = window_batches * self.batch_size * self.world_size
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
-                            "SFT needs one (train it with tokenizer.py)")
 
     def _items(self, epoch):
         conversations = (messages for _, messages in self.records())
@@ -451,19 +456,12 @@ class SFTDataset(JsonlDataset):
         return encode_conversation(self.tokenizer, messages, self.max_length)
 
 
-class PreferenceDataset(JsonlDataset):
+class PreferenceDataset(ChatDataset):
     """Preference pairs for DPO: the prompt followed by the chosen answer, and by the rejected one, each
     labelled (for the loss) on the answer's assistant tokens only, not on assistant turns of the prompt.
     The training split's pairs are shuffled in windows of 64 global batches, as pretraining's blocks."""
 
     parse = staticmethod(parse_preference)
-
-    def __init__(self, data_path, tokenizer, max_length, window_batches=64, **kwargs):
-        super().__init__(data_path, tokenizer, max_length, **kwargs)
-        self.window = window_batches * self.batch_size * self.world_size
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no chat template; "
-                            "DPO needs one (train it with tokenizer.py)")
 
     def _items(self, epoch):
         pairs = (pair for _, pair in self.records())
