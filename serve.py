@@ -178,8 +178,8 @@ class Scheduler:
                 prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
                 sequence.output = TextOutput(self.tokenizer, sequence.stop)
             cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
-            lengths = torch.tensor(lengths, device=self.device)
-            logits = self.model(prompts, cache=cache, input_lengths=lengths).logits[:, -1].float()
+            logits = self.model(prompts, cache=cache,
+                                input_lengths=torch.tensor(lengths, device=self.device)).logits[:, -1].float()
             tokens = self._sample(sequences, logits)
         except Exception:
             if len(sequences) > 1:

@@ -105,11 +105,11 @@ def restore_signal_handlers():
         signal.signal(sig, handler)
 
 
-def run_main(argv):
-    """train_model.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
-    import train_model
+def run_main(argv, module="train_model"):
+    """module.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
+    import importlib
     try:
-        train_model.main([str(a) for a in argv])
+        importlib.import_module(module).main([str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return None

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -29,14 +30,7 @@ def model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def run_eval(argv):
-    """eval.main(argv) in this process: the SystemExit message, or None."""
-    import eval as evaluation
-    try:
-        evaluation.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return None
+run_eval = partial(run_main, module="eval")  # eval.main(argv) in this process: the SystemExit message, or None
 
 
 def hf_nll(hf_model, ids):
