@@ -15,10 +15,10 @@ if [ "$RECIPE" = demo ]; then
   echo "== 1/5 tokenizer: byte-level BPE, 6144 tokens, on the shipped poetry sample"
   python tokenizer.py --data_path data/pretrain_poetry.jsonl.gz data/sft_poetry.jsonl.gz \
     --vocab_size 6144 --out_dir $OUT/tokenizer
-  echo "== 2/5 pretraining a 4.5M-parameter model (about 8 minutes on 2 CPU cores)"
+  echo "== 2/5 pretraining a 4.5M-parameter model with Muon (about 8 minutes on 2 CPU cores)"
   python train_model.py --out_dir $OUT/base --data_path data/pretrain_poetry.jsonl.gz \
-    --tokenizer_path $OUT/tokenizer $MODEL --batch_size 16 --learning_rate 2e-3 --warmup_iters 30 \
-    --max_steps 400 --eval_interval 100 --save_interval 100
+    --tokenizer_path $OUT/tokenizer $MODEL --batch_size 16 --optimizer muon --muon_learning_rate 8e-3 \
+    --learning_rate 2.4e-2 --lr_schedule wsd --warmup_iters 30 --max_steps 383 --eval_interval 100 --save_interval 100
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
   echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
