@@ -13,7 +13,10 @@ after the 40,000th (build_eval_tasks.py), so no pair is about one of them.
   with another poet of the same collection (Tang shi, Song ci, Shijing) who occurs at least 3 times in
   the shipped sample: a name the model knows and that fits the form.
 - "请背诵 poet 的《title》。": chosen, the poem; rejected, a poem of the shipped sample of the same
-  collection and the same number of lines, by another poet.
+  collection and the same shape (number of lines and length of each: a shi of the same metre, a ci of
+  the same tune), by another poet. With a shorter or longer wrong poem, the summed log-probability that
+  DPO and the held-out accuracy compare would tell the two apart by their length rather than by which
+  poem was asked for.
 
 Held-out pairs share no poem with the training pairs, in any role: the shipped sample's poems are split
 first (a seeded share of them, poems with the same title or text kept together, held out until their
@@ -100,12 +103,13 @@ def build(conversations, docs, max_lines, eval_pairs, seed):
         count += asked[g]
 
     poets = {True: set(), False: set()}  # side (held out?) -> poets of its poems, for wrong authors
-    poems_by_shape = {True: {}, False: {}}  # side -> (collection, number of lines) -> poems, for wrong poems
+    poems_by_shape = {True: {}, False: {}}  # side -> (collection, line lengths) -> poems, for wrong poems
     for (title, author), lines in sorted(read.items()):
         side = group[title, author] in held_out
         if known[author] >= 3 and author not in NOT_AUTHORS:
             poets[side].add(author)
-        poems_by_shape[side].setdefault((collection.get(author), len(lines)), []).append((author, "\n".join(lines)))
+        shape = collection.get(author), tuple(map(len, lines))
+        poems_by_shape[side].setdefault(shape, []).append((author, "\n".join(lines)))
     poets = {side: sorted(names) for side, names in poets.items()}
 
     pairs = {True: [], False: []}
@@ -115,8 +119,8 @@ def build(conversations, docs, max_lines, eval_pairs, seed):
             wrong = [p for p in poets[side] if collection.get(p) == collection.get(author) and p != author]
             rejected = f"《{title}》的作者是{rng.choice(wrong)}。" if wrong else None
         else:
-            wrong = [poem for poet, poem in poems_by_shape[side][collection.get(author), len(read[title, author])]
-                     if poet != author]
+            shape = collection.get(author), tuple(map(len, read[title, author]))
+            wrong = [poem for poet, poem in poems_by_shape[side].get(shape, []) if poet != author]
             rejected = rng.choice(wrong) if wrong else None
         if rejected is not None:
             pairs[side].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
