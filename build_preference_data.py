@@ -102,14 +102,16 @@ def build(conversations, docs, max_lines, eval_pairs, seed):
         held_out.add(g)
         count += asked[g]
 
+    def shape(author, lines):  # what a plausible wrong poem shares with the right one
+        return collection.get(author), tuple(map(len, lines))
+
     poets = {True: set(), False: set()}  # side (held out?) -> poets of its poems, for wrong authors
     poems_by_shape = {True: {}, False: {}}  # side -> (collection, line lengths) -> poems, for wrong poems
     for (title, author), lines in sorted(read.items()):
         side = group[title, author] in held_out
         if known[author] >= 3 and author not in NOT_AUTHORS:
             poets[side].add(author)
-        shape = collection.get(author), tuple(map(len, lines))
-        poems_by_shape[side].setdefault(shape, []).append((author, "\n".join(lines)))
+        poems_by_shape[side].setdefault(shape(author, lines), []).append((author, "\n".join(lines)))
     poets = {side: sorted(names) for side, names in poets.items()}
 
     pairs = {True: [], False: []}
@@ -119,8 +121,8 @@ def build(conversations, docs, max_lines, eval_pairs, seed):
             wrong = [p for p in poets[side] if collection.get(p) == collection.get(author) and p != author]
             rejected = f"《{title}》的作者是{rng.choice(wrong)}。" if wrong else None
         else:
-            shape = collection.get(author), tuple(map(len, read[title, author]))
-            wrong = [poem for poet, poem in poems_by_shape[side].get(shape, []) if poet != author]
+            same_shape = poems_by_shape[side].get(shape(author, read[title, author]), [])
+            wrong = [poem for poet, poem in same_shape if poet != author]
             rejected = rng.choice(wrong) if wrong else None
         if rejected is not None:
             pairs[side].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
