@@ -13,14 +13,25 @@ after the 40,000th (build_eval_tasks.py), so no pair is about one of them.
   with another poet of the same collection (Tang shi, Song ci, Shijing) who occurs at least 3 times in
   the shipped sample: a name the model knows and that fits the form.
 - "请背诵 poet 的《title》。": chosen, the poem; rejected, a poem of the shipped sample of the same
-  collection and the same number of lines, by another poet.
+  collection and the same shape (number of lines and length of each: a shi of the same metre, a ci of
+  the same tune), by another poet. With a shorter or longer wrong poem, the summed log-probability that
+  DPO and the held-out accuracy compare would tell the two apart by their length rather than by which
+  poem was asked for.
+
+Held-out pairs share no poem with the training pairs, in any role: the shipped sample's poems are split
+first (a seeded share of them, poems with the same title or text kept together, held out until their
+questions make about --eval_pairs pairs; pass that file as --val_data_path), and each side draws its wrong
+poets and wrong poems only from its own poems. So no answer text and no title is on both sides; DPO that
+pushes a training pair's rejected poem down cannot push a held-out pair's chosen one down with it, and the
+held-out accuracy measures what DPO teaches about poems it was not shown. Poets are shared: the same poet
+writes poems on both sides.
 
 The prompt is the conversation up to its last question (system prompt and earlier turns included); the
 answers are the last turn's. Poems of more than --max_lines lines are left out, to keep sequences short.
-A random --eval_pairs of the pairs go to the held-out file (pass it as --val_data_path). Seeded: the
-same files every time.
+Seeded: the same files every time.
 """
 import argparse
+import collections
 import gzip
 import json
 import os
@@ -36,40 +47,89 @@ AUTHOR_ANSWER = re.compile(r"《(.+)》的作者是(\S+)。")
 RECITE_QUESTION = re.compile(r"请背诵(\S+)的《(.+)》。")
 
 
-def build(conversations, docs, max_lines, seed):
-    rng = random.Random(seed)
-    collection, known = poet_collections(docs)
-    read = {(doc[0], doc[1]): doc[2] for doc in docs[:SHIPPED_DOCUMENTS] if doc}
-    poets = sorted(a for a in known if known[a] >= 3 and a not in NOT_AUTHORS)
-    poems_by_shape = {}  # (collection, number of lines) -> poems of the shipped sample, for wrong poems
-    for (title, author), lines in sorted(read.items()):
-        poems_by_shape.setdefault((collection.get(author), len(lines)), []).append((author, "\n".join(lines)))
+def poem_groups(read):
+    """{(title, author): group} over the shipped sample's poems: poems that share a title, or a text (the
+    corpus holds a few poems under two titles), are one group, so that a split by group leaves the two sides
+    no title and no text in common."""
+    parent = {}
 
-    pairs = []
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    for (title, _), lines in read.items():
+        parent[root(("title", title))] = root(("text", "\n".join(lines)))
+    return {poem: root(("title", poem[0])) for poem in read}
+
+
+def questions(conversations, read, max_lines):
+    """(prompt, answer, title, author, kind) of each conversation whose last turn asks a pair's question
+    about a poem of the shipped sample of at most max_lines lines, and answers it as the corpus does."""
     for messages in conversations:
         prompt, answer = messages[:-1], messages[-1]["content"]
         question = prompt[-1]["content"]
         if (match := AUTHOR_ANSWER.fullmatch(answer)) and question == f"《{match.group(1)}》的作者是谁？":
-            title, author = match.groups()
-            if (title, author) not in read or author in NOT_AUTHORS or len(read[title, author]) > max_lines:
-                continue
-            wrong = rng.choice([p for p in poets if collection.get(p) == collection.get(author) and p != author])
-            rejected = f"《{title}》的作者是{wrong}。"
+            (title, author), kind = match.groups(), "author"
         elif match := RECITE_QUESTION.fullmatch(question):
-            author, title = match.groups()
-            lines = read.get((title, author))
-            if lines is None or len(lines) > max_lines or answer != "\n".join(lines):
-                continue
-            others = [poem for poet, poem in poems_by_shape[collection.get(author), len(lines)] if poet != author]
-            if not others:
-                continue
-            rejected = rng.choice(others)
+            (author, title), kind = match.groups(), "recite"
         else:
             continue
-        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
-                      "rejected": [{"role": "assistant", "content": rejected}]})
-    rng.shuffle(pairs)
-    return pairs
+        lines = read.get((title, author))
+        if lines is None or author in NOT_AUTHORS or len(lines) > max_lines:
+            continue
+        if kind == "recite" and answer != "\n".join(lines):
+            continue
+        yield prompt, answer, title, author, kind
+
+
+def build(conversations, docs, max_lines, eval_pairs, seed):
+    """(training pairs, held-out pairs). The poems are split first: groups of poems (poem_groups) go to the
+    held-out side in a seeded order until their questions make eval_pairs pairs, and every answer, right or
+    wrong, comes from its side's poems, so no poem is on both sides in any role."""
+    rng = random.Random(seed)
+    collection, known = poet_collections(docs)
+    read = {(doc[0], doc[1]): doc[2] for doc in docs[:SHIPPED_DOCUMENTS] if doc}
+    found = list(questions(conversations, read, max_lines))
+    group = poem_groups(read)
+    asked = collections.Counter(group[title, author] for _, _, title, author, _ in found)
+    order = sorted(set(group.values()))
+    rng.shuffle(order)
+    held_out, count = set(), 0
+    for g in order:
+        if count >= eval_pairs:
+            break
+        held_out.add(g)
+        count += asked[g]
+
+    def shape(author, lines):  # what a plausible wrong poem shares with the right one
+        return collection.get(author), tuple(map(len, lines))
+
+    poets = {True: set(), False: set()}  # side (held out?) -> poets of its poems, for wrong authors
+    poems_by_shape = {True: {}, False: {}}  # side -> (collection, line lengths) -> poems, for wrong poems
+    for (title, author), lines in sorted(read.items()):
+        side = group[title, author] in held_out
+        if known[author] >= 3 and author not in NOT_AUTHORS:
+            poets[side].add(author)
+        poems_by_shape[side].setdefault(shape(author, lines), []).append((author, "\n".join(lines)))
+    poets = {side: sorted(names) for side, names in poets.items()}
+
+    pairs = {True: [], False: []}
+    for prompt, answer, title, author, kind in found:
+        side = group[title, author] in held_out
+        if kind == "author":
+            wrong = [p for p in poets[side] if collection.get(p) == collection.get(author) and p != author]
+            rejected = f"《{title}》的作者是{rng.choice(wrong)}。" if wrong else None
+        else:
+            same_shape = poems_by_shape[side].get(shape(author, read[title, author]), [])
+            wrong = [poem for poet, poem in same_shape if poet != author]
+            rejected = rng.choice(wrong) if wrong else None
+        if rejected is not None:
+            pairs[side].append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+                                "rejected": [{"role": "assistant", "content": rejected}]})
+    for side in pairs.values():
+        rng.shuffle(side)
+    return pairs[False], pairs[True]
 
 
 def write_gzip_jsonl(path, records):
@@ -88,7 +148,7 @@ def main(argv=None):
                    help="the full pretraining corpus whose first 20,000 documents are data/pretrain_poetry")
     p.add_argument("--out", default=os.path.join(REPO, "data", "dpo_poetry.jsonl.gz"))
     p.add_argument("--eval_out", default=os.path.join(REPO, "data", "dpo_poetry_eval.jsonl.gz"))
-    p.add_argument("--eval_pairs", type=int, default=400, help="pairs held out for evaluation")
+    p.add_argument("--eval_pairs", type=int, default=400, help="about this many pairs held out for evaluation (whole poems are held out)")
     p.add_argument("--max_lines", type=int, default=4, help="longest poem, in lines")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -97,15 +157,15 @@ def main(argv=None):
             sys.exit(f"error: {path} does not exist; pass --conversations and --corpus (the full files)")
     with open(args.conversations, encoding="utf-8") as f:
         conversations = [json.loads(line)["messages"] for line in f][SHIPPED_CONVERSATIONS:]
-    pairs = build(conversations, read_corpus(args.corpus), args.max_lines, args.seed)
-    if len(pairs) <= args.eval_pairs:
-        sys.exit(f"error: only {len(pairs)} pairs, not more than --eval_pairs {args.eval_pairs}")
-    write_gzip_jsonl(args.eval_out, pairs[:args.eval_pairs])
-    write_gzip_jsonl(args.out, pairs[args.eval_pairs:])
+    train, held_out = build(conversations, read_corpus(args.corpus), args.max_lines, args.eval_pairs, args.seed)
+    if not train:
+        sys.exit(f"error: only {len(held_out)} pairs, all held out by --eval_pairs {args.eval_pairs}")
+    write_gzip_jsonl(args.eval_out, held_out)
+    write_gzip_jsonl(args.out, train)
+    pairs = train + held_out
     kinds = sum("作者" in pair["prompt"][-1]["content"] for pair in pairs)
     print(f"{len(pairs)} pairs ({kinds} about authors, {len(pairs) - kinds} recitations): "
-          f"{len(pairs) - args.eval_pairs} in {args.out}, {args.eval_pairs} held out in {args.eval_out}")
-
+          f"{len(train)} in {args.out}, {len(held_out)} held out in {args.eval_out}")
 
 if __name__ == "__main__":
     main()

@@ -45,7 +45,7 @@ elif [ "$RECIPE" = dpo ]; then
   python train_model.py --mode dpo --out_dir $OUT/dpo --data_path data/dpo_poetry.jsonl.gz \
     --val_data_path data/dpo_poetry_eval.jsonl.gz --init_from $OUT/sft --tokenizer_path $OUT/sft \
     --max_seq_len 256 --device cpu --lora_rank 16 --lora_alpha 32 --batch_size 8 --learning_rate 2e-3 \
-    --warmup_iters 10 --max_steps 120 --eval_interval 120 --eval_batches 50 --save_interval 40
+    --warmup_iters 10 --max_steps 250 --eval_interval 50 --eval_batches 50 --save_interval 50
   python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
 elif [ "$RECIPE" = gpu ]; then
   # The seed's 215M recipe. One GPU: NGPUS=1. Several: torchrun starts one process per GPU.

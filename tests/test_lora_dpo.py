@@ -3,12 +3,13 @@ adapter onto transformers' LlamaForCausalLM, and the DPO paper's loss computed f
 log-probabilities. Exact resume of LoRA and DPO runs is in test_long_runs.py (RESUME_CASES)."""
 import json
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL_ARGS, preference_pairs, run_main, write_jsonl
+from conftest import TINY_MODEL_ARGS, preference_pairs, run_main, shipped_lines, write_jsonl
 
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--learning_rate", "1e-2", "--warmup_iters", "1"]
@@ -211,3 +212,18 @@ def test_bad_preference_lines_name_file_and_line(tmp_path, base_model, capsys):
     warning = capsys.readouterr().err
     assert f"{data}:5: no field 'rejected'" in warning
     assert f"{data}:7: 'chosen' and 'rejected' are the same" in warning
+
+
+def test_shipped_held_out_pairs_share_no_answer_and_no_title_with_the_training_pairs():
+    # A held-out chosen answer that is a training pair's rejected one (or the reverse) would be pushed the
+    # wrong way by DPO on the training pairs, and a shared title would test recall of a trained pair.
+    def answers(pairs):
+        return {turn["content"] for pair in pairs for side in ("chosen", "rejected") for turn in pair[side]}
+
+    def titles(pairs):
+        return {re.search(r"《(.+)》", pair["prompt"][-1]["content"]).group(1) for pair in pairs}
+
+    train, held_out = shipped_lines("dpo_poetry.jsonl.gz", None), shipped_lines("dpo_poetry_eval.jsonl.gz", None)
+    assert len(train) > 3000 and len(held_out) >= 300
+    assert not answers(train) & answers(held_out)
+    assert not titles(train) & titles(held_out)
