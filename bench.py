@@ -169,16 +169,18 @@ def loss_tolerance(device):
     return 2e-2 if device.type == "cuda" else 1e-4
 
 
-def train_step_fn(model, input_ids, labels, device, optimizer="adamw"):
-    """One full training step as train_model.py does it: forward with labels, backward, the optimizer
-    step (AdamW, or Muon for the blocks' matrices and AdamW for the rest)."""
+def train_step_fn(model, input_ids, labels, device, optimizer="adamw", reference=None):
+    """One full training step as train_model.py does it: the loss (the language model's, or with a
+    `reference` model DPO's against it, as --mode dpo), backward, the optimizer step (AdamW, or Muon for
+    the blocks' matrices and AdamW for the rest)."""
     optimizers = make_optimizers(model, argparse.Namespace(optimizer=optimizer, learning_rate=3e-4,
                                                            muon_learning_rate=None, weight_decay=0.1), device)
     model.train()
 
     def step():
         with autocast_for(device):
-            loss = model(input_ids=input_ids, labels=labels).loss
+            loss = model(input_ids=input_ids, labels=labels).loss if reference is None \
+                else our_dpo_loss(model, reference, input_ids, labels)
         loss.backward()
         for opt in optimizers:
             opt.step()
@@ -739,22 +741,6 @@ def our_dpo_loss(model, reference, input_ids, labels, beta=0.1):
     return objective(model, input_ids, labels, objective.items(labels))[0]
 
 
-def dpo_step_fn(model, reference, input_ids, labels, device):
-    """Our DPO step: as train_step_fn, with DPO's loss."""
-    optimizers = make_optimizers(model, argparse.Namespace(optimizer="adamw", learning_rate=3e-4,
-                                                           muon_learning_rate=None, weight_decay=0.1), device)
-    model.train()
-
-    def step():
-        with autocast_for(device):
-            loss = our_dpo_loss(model, reference, input_ids, labels)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
-
-
 def dpo_trl_inputs(trainer, labels, input_ids):
     """Our preference batch (chosen rows, then rejected) in TRL's form: prompt_ids, and each answer as the
     tokens from the first labelled one to the last (the template's newline after <|im_end|> is ours but
@@ -854,7 +840,7 @@ def bench_trl(args, device):
                 ids.numel(), sft_same, lambda: (float(ours(ids, labels=labels).loss),),
                 lambda: (float(trl_sft.compute_loss(trl_sft.model, sft_batch)),)),
             "DPO (DPOTrainer)": (
-                dpo_step_fn(copy.deepcopy(ours), reference, pref_ids, pref_labels, device),
+                train_step_fn(copy.deepcopy(ours), pref_ids, pref_labels, device, reference=reference),
                 trainer_step_fn(trl_dpo, dpo_batch), pref_ids.numel(), None,  # ours, given to TRL's collator
                 lambda: dpo_figures(our_dpo_loss(ours, reference, pref_ids, pref_labels), ours(pref_ids).logits),
                 trl_dpo_figures),

@@ -167,5 +167,6 @@ def main(argv=None):
     print(f"{len(pairs)} pairs ({kinds} about authors, {len(pairs) - kinds} recitations): "
           f"{len(train)} in {args.out}, {len(held_out)} held out in {args.eval_out}")
 
+
 if __name__ == "__main__":
     main()
