@@ -54,7 +54,7 @@ from torch import nn
 from dataset import (PretrainDataset, build_token_cache, cache_dtype, collate, collate_preferences, open_binary,
                      parse_text, read_records)
 from model import ModelConfig, Transformer
-from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
+from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize, parse_args as parse_train_args
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -173,8 +173,7 @@ def train_step_fn(model, input_ids, labels, device, optimizer="adamw", reference
     """One full training step as train_model.py does it: the loss (the language model's, or with a
     `reference` model DPO's against it, as --mode dpo), backward, the optimizer step (AdamW, or Muon for
     the blocks' matrices and AdamW for the rest)."""
-    optimizers = make_optimizers(model, argparse.Namespace(optimizer=optimizer, learning_rate=3e-4,
-                                                           muon_learning_rate=None, weight_decay=0.1), device)
+    optimizers = make_optimizers(model, parse_train_args(["--optimizer", optimizer]), device)  # default LRs
     model.train()
 
     def step():
@@ -1102,7 +1101,9 @@ SPEEDRUN_ARGS = ["--dim", "256", "--n_layers", "4", "--n_heads", "8", "--n_kv_he
 SPEEDRUN_QUICK_ARGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64",
                        "--batch_size", "4", "--max_steps", "6", "--eval_interval", "2", "--eval_batches", "2"]
 RECIPES = {
-    "adamw-cosine": ["--learning_rate", "2e-3", "--warmup_iters", "30"],  # train.sh's demo before Muon and WSD
+    # train.sh's demo before Muon and WSD
+    "adamw-cosine": ["--optimizer", "adamw", "--lr_schedule", "cosine", "--learning_rate", "2e-3",
+                     "--warmup_iters", "30"],
     # train.sh's demo since: Muon at 8e-3, AdamW (the embedding and norms) at 2.4e-2, from a sweep at 383 steps
     # (README, Speed): final val_bpb 2.357 with both at 8e-3, 2.340 with AdamW's part at 1.6e-2, 2.317 at 2.4e-2.
     "muon-wsd": ["--optimizer", "muon", "--lr_schedule", "wsd", "--muon_learning_rate", "8e-3",

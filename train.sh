@@ -48,13 +48,14 @@ elif [ "$RECIPE" = dpo ]; then
     --warmup_iters 10 --max_steps 250 --eval_interval 50 --eval_batches 50 --save_interval 50
   python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
 elif [ "$RECIPE" = gpu ]; then
-  # The seed's 215M recipe. One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
+  # The seed's 215M recipe (AdamW + cosine: Muon's learning rates were measured on CPU-sized models only).
+  # One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
   NGPUS=${NGPUS:-1}
   MODEL="--dim 1024 --n_layers 18 --n_heads 16 --n_kv_heads 8 --max_seq_len 512 --device cuda --dtype bfloat16"
   python tokenizer.py --data_path seq_monkey_datawhale.jsonl --vocab_size 6144 --out_dir custom_tokenizer
   torchrun --standalone --nproc_per_node "$NGPUS" train_model.py --out_dir base_model_215M \
-    --data_path seq_monkey_datawhale.jsonl $MODEL --epochs 1 --batch_size 32 --learning_rate 3e-4 \
-    --accumulation_steps $((8 / NGPUS > 0 ? 8 / NGPUS : 1)) --num_workers 4 --use_swanlab
+    --data_path seq_monkey_datawhale.jsonl $MODEL --epochs 1 --batch_size 32 --optimizer adamw --lr_schedule cosine \
+    --learning_rate 3e-4 --accumulation_steps $((8 / NGPUS > 0 ? 8 / NGPUS : 1)) --num_workers 4 --use_swanlab
   torchrun --standalone --nproc_per_node "$NGPUS" train_model.py --out_dir sft_model_215M \
     --data_path BelleGroup_sft.jsonl --init_from base_model_215M --tokenizer_path base_model_215M $MODEL \
     --epochs 1 --batch_size 32 --learning_rate 1e-4 --num_workers 4 --use_swanlab

@@ -13,6 +13,10 @@ The modes share one loop and differ in their data set and their objective (Langu
 LoRA is PEFT's, injected into our modules; checkpoints then hold only the adapters and their optimizer
 state, and the final model is written merged, with the PEFT adapter directory beside it.
 
+Pretraining from scratch uses Muon (the blocks' matrices) + AdamW (the rest) with a warmup-stable-decay
+schedule; fine-tuning (--init_from) uses AdamW with cosine (choose_recipe says why; --optimizer and
+--lr_schedule choose otherwise).
+
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
 directory; out_dir/metrics.jsonl logs every --log_interval steps and every evaluation.
@@ -67,19 +71,22 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; sets the LR schedule's length")
     p.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch on each process")
     p.add_argument("--accumulation_steps", type=int, default=1)
-    p.add_argument("--learning_rate", type=float, default=3e-4, help="peak LR (AdamW's, and Muon's unless set)")
+    p.add_argument("--learning_rate", type=float, default=3e-4,
+                   help="peak LR of AdamW (with Muon: of the embedding and the norms)")
     p.add_argument("--warmup_iters", type=int, default=100)
-    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "wsd"],
-                   help="after warmup: cosine down to a tenth of the peak at the last step, or wsd "
+    p.add_argument("--lr_schedule", default="auto", choices=["auto", "cosine", "wsd"],
+                   help="auto: wsd with Muon, cosine with AdamW. After warmup: cosine down to a tenth of the "
+                        "peak at the last step, or wsd "
                         "(warmup-stable-decay): the peak until the last --decay_fraction of the steps, then "
                         "a cool-down to zero; a wsd run resumed with a larger --max_steps cools down again")
     p.add_argument("--decay_fraction", type=float, default=0.2, help="wsd: share of the steps that cool down")
     p.add_argument("--decay_shape", default="1-sqrt", choices=["linear", "1-sqrt"],
                    help="wsd: the cool-down's shape; 1-sqrt keeps the LR higher for longer")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
-                   help="muon: torch.optim.Muon for the weight matrices of the blocks, AdamW for the rest")
-    p.add_argument("--muon_learning_rate", type=float, default=None,
-                   help="Muon's peak LR; default --learning_rate (Muon's update is scaled to AdamW's RMS)")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "muon"],
+                   help="muon: torch.optim.Muon for the weight matrices of the blocks, AdamW for the rest; "
+                        "auto: muon to pretrain from scratch, adamw to fine-tune (--init_from) or with --fsdp")
+    p.add_argument("--muon_learning_rate", type=float, default=8e-3,
+                   help="Muon's peak LR (its update is scaled to AdamW's RMS)")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,9 +206,6 @@ def check_arguments(args):
         raise Fatal(f"--max_steps must be positive, got {args.max_steps}")
     if not 0 < args.decay_fraction <= 1:
         raise Fatal(f"--decay_fraction must be in (0, 1], got {args.decay_fraction}")
-    if args.optimizer == "muon" and args.fsdp:
-        raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
-                    "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
     if training_mode(args) == "dpo":
         if args.init_from is None:
             raise Fatal("--mode dpo needs --init_from: the model to improve, which is also the frozen reference")
@@ -239,6 +243,29 @@ def training_mode(args):
     names = [os.path.basename(os.path.normpath(path)).lower() for path in args.data_path]
     return "dpo" if any("dpo" in name for name in names) else "sft" if any("sft" in name for name in names) \
         else "pretrain"
+
+
+def choose_recipe(args, resume_dir, state):
+    """Resolves --optimizer auto and --lr_schedule auto, in place.
+
+    auto is Muon + WSD to pretrain from scratch: on the demo it reaches AdamW + cosine's final val_bpb in
+    0.52x the time, and at the default model size it is ahead per step (README, Speed). Fine-tuning
+    (--init_from: SFT, DPO, LoRA) keeps the seed's AdamW + cosine, the recipe measured there, and so does
+    --fsdp, which shards the matrices Muon must see whole. A resumed run keeps its checkpoint's optimizer
+    (its state is that optimizer's) and, under auto, its schedule; checkpoints without these were AdamW's."""
+    trained = state["args"] if state is not None else None
+    if args.optimizer == "auto":
+        args.optimizer = trained.get("optimizer", "adamw") if trained is not None else \
+            "muon" if args.init_from is None and not args.fsdp else "adamw"
+    if trained is not None and trained.get("optimizer", "adamw") != args.optimizer:
+        raise Fatal(f"{resume_dir} was trained with --optimizer {trained.get('optimizer', 'adamw')}, whose state "
+                    f"it holds; resume it with that optimizer, not {args.optimizer}")
+    if args.optimizer == "muon" and args.fsdp:
+        raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
+                    "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
+    if args.lr_schedule == "auto":
+        args.lr_schedule = trained.get("lr_schedule", "cosine") if trained is not None else \
+            "wsd" if args.optimizer == "muon" else "cosine"
 
 
 def build_model(args, tokenizer, resume_dir):
@@ -385,7 +412,7 @@ def make_optimizers(model, args, device):
     muon: torch.optim.Muon for the 2-D weights inside the blocks (attention and MLP projections), AdamW for
     the embedding (tied to the output head) and the norms, which Muon's orthogonalised update does not
     suit. Muon's update is scaled to the RMS of AdamW's (adjust_lr_fn="match_rms_adamw", Moonshot's rule),
-    so --learning_rate serves both unless --muon_learning_rate is given."""
+    and its peak is --muon_learning_rate."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters
     to_muon = {name for name, p in named if args.optimizer == "muon" and p.dim() == 2 and "layers." in name}
     decay = [p for name, p in named if name not in to_muon and p.dim() >= 2]
@@ -395,19 +422,21 @@ def make_optimizers(model, args, device):
                                     fused=device.type == "cuda")]
     if to_muon:
         optimizers.insert(0, torch.optim.Muon([p for name, p in named if name in to_muon],
-                                              lr=muon_learning_rate(args), weight_decay=args.weight_decay,
+                                              lr=args.muon_learning_rate, weight_decay=args.weight_decay,
                                               adjust_lr_fn="match_rms_adamw"))
     return optimizers
+
+
+def recipe_summary(args):
+    """The optimizer(s) and schedule in words, for the start-up line: 'Muon 0.008 + AdamW 0.0003, wsd'."""
+    muon = f"Muon {args.muon_learning_rate:g} + " if args.optimizer == "muon" else ""
+    return f"{muon}AdamW {args.learning_rate:g}, {args.lr_schedule}"
 
 
 def lr_at(step, peak, max_steps, args):
     """The schedule of the run's arguments at step, for a peak learning rate."""
     return get_lr(step, peak, args.warmup_iters, max_steps, args.lr_schedule, args.decay_fraction,
                   args.decay_shape)
-
-
-def muon_learning_rate(args):
-    return args.learning_rate if args.muon_learning_rate is None else args.muon_learning_rate
 
 
 def ignore_stop_signals(worker_id):
@@ -839,6 +868,7 @@ def train(args):
     if resume_dir and not os.path.isfile(os.path.join(resume_dir, STATE_FILE)):
         raise Fatal(f"{resume_dir} is not a checkpoint (no {STATE_FILE}); pass a checkpoint-N directory")
     state = torch.load(os.path.join(resume_dir, STATE_FILE), weights_only=False) if resume_dir else None
+    choose_recipe(args, resume_dir, state)
 
     torch.manual_seed(args.seed)
     model = build_model(args, tokenizer, resume_dir)
@@ -892,7 +922,8 @@ def train(args):
     logger.write(f"{args.mode}: {raw_model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained "
                  f"({trainable / raw_model.num_params():.1%}), {world_size} process(es) "
                  f"on {device.type}, {dtype}, {samples_per_step} samples x {args.max_seq_len} tokens "
-                 f"per step, {max_steps} steps" + (f", resumed at step {start_step}" if start_step else ""))
+                 f"per step, {max_steps} steps, {recipe_summary(args)}"
+                 + (f", resumed at step {start_step}" if start_step else ""))
 
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -948,7 +979,7 @@ def train(args):
         torch.manual_seed(args.seed + 1_000_003 * step + rank)
         lr = lr_at(step, args.learning_rate, max_steps, args)
         for optimizer in optimizers:  # Muon's peak may differ from AdamW's; the schedule is the same
-            optimizer_lr = lr_at(step, muon_learning_rate(args), max_steps, args) \
+            optimizer_lr = lr_at(step, args.muon_learning_rate, max_steps, args) \
                 if isinstance(optimizer, torch.optim.Muon) else lr
             for group in optimizer.param_groups:
                 group["lr"] = optimizer_lr

@@ -34,8 +34,10 @@ BF16 = os.path.join(REPO, "tests", "forced_dtype.py")  # trains in bf16 autocast
 TOL = 1e-5
 # The learning rate is large enough that each step moves every weight by about 1e-3, a hundred times the
 # tolerance (and small enough that Adam's sign-like first steps do not amplify float32 rounding past it).
+# AdamW unless a run says otherwise: the default (Muon, from scratch) orthogonalises in bf16, see muon_*.
 COMMON = [*TINY_MODEL_ARGS, "--max_steps", "4", "--log_interval", "1", "--dropout", "0",
-          "--learning_rate", "1e-3", "--warmup_iters", "1", "--seed", "1337"]
+          "--optimizer", "adamw", "--lr_schedule", "cosine", "--learning_rate", "1e-3", "--warmup_iters", "1",
+          "--seed", "1337"]
 RUN_TIMEOUT = 300  # seconds; a healthy run takes 10-30 s, more when the module's runs share the 2 cores
 # After the last step's loss is logged (or a stop signal is sent) only an evaluation and a save remain, a
 # few seconds: a run still going this much later is deadlocked, and is killed without waiting for RUN_TIMEOUT.
@@ -60,10 +62,10 @@ RUNS = {
               TRAIN, None),
     "fsdp_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2",
                                "--fsdp"], TRAIN, None),
-    "muon_1": (1, "pretrain", ["--batch_size", "4", "--accumulation_steps", "2", "--optimizer", "muon"],
-               TRAIN, None),
-    "muon_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--optimizer", "muon"],
-               TRAIN, None),
+    "muon_1": (1, "pretrain", ["--batch_size", "4", "--accumulation_steps", "2", "--optimizer", "muon",
+                               "--muon_learning_rate", "1e-3"], TRAIN, None),
+    "muon_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--optimizer", "muon",
+                               "--muon_learning_rate", "1e-3"], TRAIN, None),
     # FSDP2's bf16 parameters (MixedPrecisionPolicy) against DDP under bf16 autocast, as a GPU run trains.
     "ddp_bf16_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2"],
                    BF16, None),

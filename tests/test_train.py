@@ -178,7 +178,7 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     Every parameter is in exactly one group of one optimizer."""
     from train_model import make_optimizers
     model = Transformer(tiny_config(300))
-    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=None, weight_decay=0.1)
+    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=8e-3, weight_decay=0.1)
     muon, adamw = make_optimizers(model, args, torch.device("cpu"))
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -191,8 +191,44 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     assert sorted(on_adamw) == sorted(set(names.values()) - expected)
     assert "tok_embeddings.weight" in on_adamw and not any("norm" in n for n in on_muon)
     assert len(on_muon) + len(on_adamw) == len(set(on_muon + on_adamw)) == len(list(model.parameters()))
-    assert muon.param_groups[0]["lr"] == 1e-3 and muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    assert muon.param_groups[0]["lr"] == 8e-3 and muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
 
+
+
+@pytest.mark.parametrize("argv,recipe", [
+    ([], ("muon", "wsd")),  # pretraining from scratch
+    (["--init_from", "some/model"], ("adamw", "cosine")),  # fine-tuning: SFT, DPO, LoRA
+    (["--fsdp"], ("adamw", "cosine")),  # Muon needs whole matrices
+    (["--optimizer", "adamw"], ("adamw", "cosine")),
+    (["--optimizer", "muon", "--init_from", "some/model"], ("muon", "wsd")),
+    (["--optimizer", "muon", "--lr_schedule", "cosine"], ("muon", "cosine")),
+    (["--lr_schedule", "cosine"], ("muon", "cosine")),
+])
+def test_auto_recipe_is_muon_wsd_from_scratch_and_adamw_cosine_otherwise(argv, recipe):
+    from train_model import choose_recipe, parse_args
+    args = parse_args(argv)
+    choose_recipe(args, None, None)
+    assert (args.optimizer, args.lr_schedule) == recipe
+
+
+@pytest.mark.parametrize("saved,recipe", [
+    ({"optimizer": "adamw", "lr_schedule": "cosine"}, ("adamw", "cosine")),
+    ({"optimizer": "muon", "lr_schedule": "cosine"}, ("muon", "cosine")),
+    ({}, ("adamw", "cosine")),  # a checkpoint from before Muon and WSD existed
+])
+def test_auto_recipe_of_a_resumed_run_is_its_checkpoints(saved, recipe):
+    from train_model import choose_recipe, parse_args
+    args = parse_args([])
+    choose_recipe(args, "out/checkpoint-2", {"args": saved})
+    assert (args.optimizer, args.lr_schedule) == recipe
+
+
+def test_resuming_with_another_optimizer_is_refused():
+    from train_model import Fatal, choose_recipe, parse_args
+    with pytest.raises(Fatal, match="out/checkpoint-2 was trained with --optimizer adamw"):
+        choose_recipe(parse_args(["--optimizer", "muon"]), "out/checkpoint-2", {"args": {"optimizer": "adamw"}})
+    with pytest.raises(Fatal, match="--fsdp"):
+        choose_recipe(parse_args(["--optimizer", "muon", "--fsdp"]), None, None)
 
 # --- end to end: pretraining --------------------------------------------------------------------------
 
