@@ -54,7 +54,8 @@ from torch import nn
 from dataset import (PretrainDataset, build_token_cache, cache_dtype, collate, collate_preferences, open_binary,
                      parse_text, read_records)
 from model import ModelConfig, Transformer
-from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize, parse_args as parse_train_args
+from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
+from train_model import parse_args as parse_train_args
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
