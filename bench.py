@@ -55,7 +55,7 @@ from dataset import (PretrainDataset, build_token_cache, cache_dtype, collate, c
                      parse_text, read_records)
 from model import ModelConfig, Transformer
 from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
-from train_model import parse_args as parse_train_args
+from train_model import choose_recipe, parse_args as parse_train_args
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -174,7 +174,9 @@ def train_step_fn(model, input_ids, labels, device, optimizer="adamw", reference
     """One full training step as train_model.py does it: the loss (the language model's, or with a
     `reference` model DPO's against it, as --mode dpo), backward, the optimizer step (AdamW, or Muon for
     the blocks' matrices and AdamW for the rest)."""
-    optimizers = make_optimizers(model, parse_train_args(["--optimizer", optimizer]), device)  # default LRs
+    args = parse_train_args(["--optimizer", optimizer])
+    choose_recipe(args, None, None)  # the default learning rates
+    optimizers = make_optimizers(model, args, device)
     model.train()
 
     def step():

@@ -13,9 +13,9 @@ The modes share one loop and differ in their data set and their objective (Langu
 LoRA is PEFT's, injected into our modules; checkpoints then hold only the adapters and their optimizer
 state, and the final model is written merged, with the PEFT adapter directory beside it.
 
-Pretraining from scratch uses Muon (the blocks' matrices) + AdamW (the rest) with a warmup-stable-decay
-schedule; fine-tuning (--init_from) uses AdamW with cosine (choose_recipe says why; --optimizer and
---lr_schedule choose otherwise).
+By default, pretraining from scratch uses Muon (the blocks' matrices) + AdamW (the rest) with a
+warmup-stable-decay schedule; fine-tuning (--init_from) and --fsdp use AdamW with cosine; a resumed run
+keeps its checkpoint's (choose_recipe says why; --optimizer and --lr_schedule choose otherwise).
 
 A step is one optimizer step: batch_size x accumulation_steps x world_size samples. The run ends after
 --max_steps or when --epochs passes over the data are done. out_dir becomes a Hugging Face model
@@ -47,6 +47,7 @@ from model import _LAYER_NAMES, ModelConfig, Transformer, to_hf_name
 
 STATE_FILE = "training_state.pt"
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+MUON_LEARNING_RATE = 8e-3  # measured on the demo's model and on the default one (README, Speed)
 ADAPTER_DIR = "adapter"  # in out_dir: the final adapter, for peft.PeftModel.from_pretrained
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -85,8 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "muon"],
                    help="muon: torch.optim.Muon for the weight matrices of the blocks, AdamW for the rest; "
                         "auto: muon to pretrain from scratch, adamw to fine-tune (--init_from) or with --fsdp")
-    p.add_argument("--muon_learning_rate", type=float, default=8e-3,
-                   help="Muon's peak LR (its update is scaled to AdamW's RMS)")
+    p.add_argument("--muon_learning_rate", type=float, default=None,
+                   help=f"Muon's peak LR (its update is scaled to AdamW's RMS); default {MUON_LEARNING_RATE:g}, "
+                        "or a resumed run's")
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -252,7 +254,8 @@ def choose_recipe(args, resume_dir, state):
     0.52x the time, and at the default model size it is ahead per step (README, Speed). Fine-tuning
     (--init_from: SFT, DPO, LoRA) keeps the seed's AdamW + cosine, the recipe measured there, and so does
     --fsdp, which shards the matrices Muon must see whole. A resumed run keeps its checkpoint's optimizer
-    (its state is that optimizer's) and, under auto, its schedule; checkpoints without these were AdamW's."""
+    (its state is that optimizer's) and, unless given, its schedule and Muon LR; checkpoints without these
+    were AdamW + cosine's, and a Muon checkpoint without a Muon LR ran Muon at --learning_rate."""
     trained = state["args"] if state is not None else None
     if args.optimizer == "auto":
         args.optimizer = trained.get("optimizer", "adamw") if trained is not None else \
@@ -262,10 +265,14 @@ def choose_recipe(args, resume_dir, state):
                     f"it holds; resume it with that optimizer, not {args.optimizer}")
     if args.optimizer == "muon" and args.fsdp:
         raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
-                    "and FSDP2 shards them over the ranks; drop --fsdp (DDP) or use --optimizer adamw")
+                    "and FSDP2 shards them over the ranks; drop --fsdp (DDP), or start a new run with "
+                    "--optimizer adamw")
     if args.lr_schedule == "auto":
         args.lr_schedule = trained.get("lr_schedule", "cosine") if trained is not None else \
             "wsd" if args.optimizer == "muon" else "cosine"
+    if args.muon_learning_rate is None:
+        args.muon_learning_rate = MUON_LEARNING_RATE if trained is None or trained.get("optimizer") != "muon" \
+            else trained.get("muon_learning_rate") or trained["learning_rate"]
 
 
 def build_model(args, tokenizer, resume_dir):

@@ -153,8 +153,10 @@ RESUME_CASES = {
     "pretrain-dropout": ("pretrain", ["--dropout", "0.1"]),
     "sft": ("sft", []),
     "sft-init_from-dropout": ("sft", ["--dropout", "0.1", "--init_from", "BASE"]),
-    # Muon's momentum buffers and AdamW's moments, both in the checkpoint; WSD's schedule.
-    "pretrain-muon-wsd": ("pretrain", ["--optimizer", "muon", "--lr_schedule", "wsd", "--decay_fraction", "0.5"]),
+    # The cases above pretrain with the defaults: Muon's momentum buffers and AdamW's moments, both in the
+    # checkpoint, and WSD; here WSD cools down across the resume, and the seed's AdamW + cosine.
+    "pretrain-wsd-cooldown": ("pretrain", ["--decay_fraction", "0.5"]),
+    "pretrain-adamw-cosine": ("pretrain", ["--optimizer", "adamw", "--lr_schedule", "cosine"]),
     # The checkpoints hold the adapters and their optimizer state only; the base comes from --init_from.
     "sft-lora-dropout": ("sft", ["--init_from", "BASE", "--lora_rank", "4", "--lora_dropout", "0.1"]),
     "dpo": ("dpo", ["--init_from", "BASE"]),

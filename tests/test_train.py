@@ -208,19 +208,26 @@ def test_auto_recipe_is_muon_wsd_from_scratch_and_adamw_cosine_otherwise(argv, r
     from train_model import choose_recipe, parse_args
     args = parse_args(argv)
     choose_recipe(args, None, None)
-    assert (args.optimizer, args.lr_schedule) == recipe
+    assert (args.optimizer, args.lr_schedule, args.muon_learning_rate) == (*recipe, 8e-3)
 
 
 @pytest.mark.parametrize("saved,recipe", [
-    ({"optimizer": "adamw", "lr_schedule": "cosine"}, ("adamw", "cosine")),
-    ({"optimizer": "muon", "lr_schedule": "cosine"}, ("muon", "cosine")),
-    ({}, ("adamw", "cosine")),  # a checkpoint from before Muon and WSD existed
+    ({"optimizer": "adamw", "lr_schedule": "cosine", "learning_rate": 1e-3}, ("adamw", "cosine", 8e-3)),
+    ({"optimizer": "muon", "lr_schedule": "cosine", "muon_learning_rate": 2e-2, "learning_rate": 1e-3},
+     ("muon", "cosine", 2e-2)),
+    # Versions before the Muon LR had a default saved None: Muon ran at --learning_rate.
+    ({"optimizer": "muon", "lr_schedule": "wsd", "muon_learning_rate": None, "learning_rate": 1e-3},
+     ("muon", "wsd", 1e-3)),
+    ({"learning_rate": 1e-3}, ("adamw", "cosine", 8e-3)),  # a checkpoint from before Muon and WSD existed
 ])
 def test_auto_recipe_of_a_resumed_run_is_its_checkpoints(saved, recipe):
     from train_model import choose_recipe, parse_args
     args = parse_args([])
     choose_recipe(args, "out/checkpoint-2", {"args": saved})
-    assert (args.optimizer, args.lr_schedule) == recipe
+    assert (args.optimizer, args.lr_schedule, args.muon_learning_rate) == recipe
+    given = parse_args(["--muon_learning_rate", "5e-3", "--lr_schedule", "wsd"])
+    choose_recipe(given, "out/checkpoint-2", {"args": saved})
+    assert (given.lr_schedule, given.muon_learning_rate) == ("wsd", 5e-3)  # what is given wins
 
 
 def test_resuming_with_another_optimizer_is_refused():
