@@ -257,11 +257,11 @@ def choose_recipe(args, resume_dir, state):
     (its state is that optimizer's) and, unless given, its schedule and Muon LR; checkpoints without these
     were AdamW + cosine's, and a Muon checkpoint without a Muon LR ran Muon at --learning_rate."""
     trained = state["args"] if state is not None else None
+    trained_optimizer = trained.get("optimizer", "adamw") if trained is not None else None
     if args.optimizer == "auto":
-        args.optimizer = trained.get("optimizer", "adamw") if trained is not None else \
-            "muon" if args.init_from is None and not args.fsdp else "adamw"
-    if trained is not None and trained.get("optimizer", "adamw") != args.optimizer:
-        raise Fatal(f"{resume_dir} was trained with --optimizer {trained.get('optimizer', 'adamw')}, whose state "
+        args.optimizer = trained_optimizer or ("muon" if args.init_from is None and not args.fsdp else "adamw")
+    if trained_optimizer not in (None, args.optimizer):
+        raise Fatal(f"{resume_dir} was trained with --optimizer {trained_optimizer}, whose state "
                     f"it holds; resume it with that optimizer, not {args.optimizer}")
     if args.optimizer == "muon" and args.fsdp:
         raise Fatal("--optimizer muon does not work with --fsdp: Muon orthogonalises each weight matrix whole, "
@@ -271,8 +271,8 @@ def choose_recipe(args, resume_dir, state):
         args.lr_schedule = trained.get("lr_schedule", "cosine") if trained is not None else \
             "wsd" if args.optimizer == "muon" else "cosine"
     if args.muon_learning_rate is None:
-        args.muon_learning_rate = MUON_LEARNING_RATE if trained is None or trained.get("optimizer") != "muon" \
-            else trained.get("muon_learning_rate") or trained["learning_rate"]
+        args.muon_learning_rate = trained.get("muon_learning_rate") or trained["learning_rate"] \
+            if trained_optimizer == "muon" else MUON_LEARNING_RATE
 
 
 def build_model(args, tokenizer, resume_dir):
