@@ -194,7 +194,6 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     assert muon.param_groups[0]["lr"] == 8e-3 and muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
 
 
-
 @pytest.mark.parametrize("argv,recipe", [
     ([], ("muon", "wsd")),  # pretraining from scratch
     (["--init_from", "some/model"], ("adamw", "cosine")),  # fine-tuning: SFT, DPO, LoRA
@@ -236,6 +235,7 @@ def test_resuming_with_another_optimizer_is_refused():
         choose_recipe(parse_args(["--optimizer", "muon"]), "out/checkpoint-2", {"args": {"optimizer": "adamw"}})
     with pytest.raises(Fatal, match="--fsdp"):
         choose_recipe(parse_args(["--optimizer", "muon", "--fsdp"]), None, None)
+
 
 # --- end to end: pretraining --------------------------------------------------------------------------
 
