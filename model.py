@@ -1,9 +1,11 @@
 """A LLaMA2-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Read top to bottom: config, building blocks, the Transformer, generation, then saving and loading in
-Hugging Face's Llama layout so that `transformers.LlamaForCausalLM` loads our checkpoints unchanged.
+Read top to bottom: the config; the building blocks; the Transformer, whose `forward` trains and scores,
+`decode` and `generate` sample, and `save_pretrained`/`from_pretrained` write and read Hugging Face's Llama
+layout, so that `transformers.LlamaForCausalLM` loads our checkpoints unchanged; then what generation
+needs (the KV cache, sampling), the loss as a formula and as the chunked kernel that training runs, and
+the table of parameter names.
 """
-import copy
 import json
 import math
 import os
@@ -74,60 +76,6 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).type_as(x)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, written in place at the positions being decoded.
-
-    Attention always reads the whole cache (a mask hides what is not written yet), and the write
-    positions are tensors, not Python ints: every decoding step sees the same shapes, so one compiled
-    step serves every token without recompiling.
-
-    Each row (sequence) has its own length, so sequences of different lengths decode side by side: a
-    server prefills a new request's prompt in a cache of its own, copies it into a free row of the
-    running batch (copy_row) and decodes the rows in use (first_rows) one token at a time.
-
-    A layer's buffers are allocated at its first write, in the dtype of the keys and values attention
-    actually produced: bf16 under bf16 autocast although the weights are float32, float32 without."""
-
-    def __init__(self, config, batch_size, max_len, device):
-        self.shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k, self.v = [None] * config.n_layers, [None] * config.n_layers
-        self.max_len = max_len
-        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions filled, per row
-
-    def update(self, layer, positions, k, v):
-        """Store k, v (batch, kv_heads, seq, head_dim) at positions (batch, seq); return the whole cache."""
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(self.shape)
-            self.v[layer] = v.new_zeros(self.shape)
-        index = positions[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer], self.v[layer]
-
-    def copy_row(self, row, source, source_row=0):
-        """Make `row` hold the sequence in row `source_row` of cache `source` (which may be shorter): how a
-        sequence prefilled on its own joins a batch, and how a batch closes the gap a finished one leaves.
-        Positions past its length keep stale values; attention never sees them."""
-        length = int(source.length[source_row])
-        for layer in range(len(self.k)):
-            if self.k[layer] is None:
-                self.k[layer] = source.k[layer].new_zeros(self.shape)
-                self.v[layer] = source.v[layer].new_zeros(self.shape)
-            self.k[layer][row, :, :length] = source.k[layer][source_row, :, :length]
-            self.v[layer][row, :, :length] = source.v[layer][source_row, :, :length]
-        self.length[row] = length
-
-    def first_rows(self, n):
-        """A cache of the first n rows that shares this one's memory: decoding it updates them here.
-        Copy a sequence in first (copy_row): a layer not allocated yet has no rows to share."""
-        assert all(k is not None for k in self.k), "first_rows of a cache nothing was copied into"
-        rows = copy.copy(self)
-        rows.shape = (n,) + self.shape[1:]
-        rows.k, rows.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
-        rows.length = self.length[:n]
-        return rows
-
-
 class Attention(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
@@ -180,6 +128,247 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied, as in HF's tie_word_embeddings
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._compiled_decode = None  # see compiled_decode_step
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2*n_layers), so
+        # the residual stream's variance does not grow with depth. Only wo and w2 write to the residual.
+        for name, param in self.named_parameters():
+            if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), lm_head
+        included, plus attention's two (seq x seq) matmuls. Under the causal mask a token attends to
+        seq/2 positions on average, so attention counts 6 * n_layers * dim * seq, half of full attention."""
+        c = self.config
+        matmul_weights = self.num_params() - c.dim * (2 * c.n_layers + 1)  # all but the norms
+        return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None):
+        """Training and scoring: logits of every position, or, given labels, the loss.
+
+        labels are aligned with input_ids (-100: no loss) and shifted here, as in HF. The loss is the mean
+        over this batch's labelled tokens, or, given num_items_in_batch (as in HF), their sum divided by it:
+        under gradient accumulation that weights every token of the optimizer step equally, however the
+        tokens are spread over micro-batches. With labels, no logits are returned (see below).
+        """
+        seq = input_ids.shape[1]
+        assert seq <= self.config.max_seq_len, \
+            f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
+        h = self.hidden_states(input_ids, self.rope_cos[:seq], self.rope_sin[:seq])
+        if labels is None:
+            return SimpleNamespace(logits=self.output(h), loss=None)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
+        # The same sum as cross_entropy_sum(h, self.output.weight, targets), taken chunk by chunk so that
+        # the logits of all the tokens, the largest tensor of a step, never exist at once.
+        loss = chunked_cross_entropy_sum(h.reshape(-1, h.size(-1)), self.output.weight, targets)
+        return SimpleNamespace(logits=None, loss=loss / (
+            (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch))
+
+    def hidden_states(self, input_ids, cos, sin, cache=None, positions=None, mask=None):
+        """The final norm's output (batch, seq, dim), before the output head."""
+        h = self.dropout(self.tok_embeddings(input_ids))
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, positions, mask)
+        return self.norm(h)
+
+    def decode(self, input_ids, cache, input_lengths=None):
+        """Generation: logits (batch, vocab) of the next token of each row, whose earlier tokens' keys and
+        values are in `cache` (a KVCache); the new tokens' are written there. Each row continues its own
+        sequence, at its own position.
+
+        input_lengths (batch,): the rows are right-padded prompts of these lengths, prefilled together (a
+        server admitting several requests at once). Each row's cache keeps its real tokens only (the pads'
+        keys lie past its length, where the mask hides them and the next tokens overwrite them) and the
+        logits are those of its last real token. A real token never sees a pad: they come after it."""
+        seq = input_ids.shape[1]
+        positions = cache.length[:, None] + torch.arange(seq, device=input_ids.device)  # (batch, seq)
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        # (batch, 1, seq, cache length): each new token sees its row's cache up to its own position.
+        mask = (torch.arange(cache.max_len, device=input_ids.device) <= positions[..., None]).unsqueeze(1)
+        cache.length += seq if input_lengths is None else input_lengths
+        h = self.hidden_states(input_ids, cos, sin, cache, positions, mask)
+        # Only the last position's distribution is needed: the other rows of the output head are skipped.
+        last = h[:, -1] if input_lengths is None else h[torch.arange(len(h)), input_lengths - 1]
+        return self.output(last)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, streamer=None, compile=False):
+        """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
+
+        temperature 0 is greedy. eos_token_id: an id or a list of ids (a model's generation_config may
+        list several) that end a sequence; a finished sequence is padded with the first of them until
+        all are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
+        compile: run the one-token decoding steps through torch.compile (compiled on first use, then
+        kept with the model); the prompt pass stays eager, as prompt lengths vary.
+        """
+        was_training = self.training
+        self.eval()
+        batch, prompt_len = input_ids.shape
+        total = min(prompt_len + max_new_tokens, self.config.max_seq_len)
+        assert prompt_len < total, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
+        tokens = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
+        tokens[:, :prompt_len] = input_ids
+        cache = KVCache(self.config, batch, total, input_ids.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        if eos_token_id is not None:
+            eos = torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
+        decode_step = self.compiled_decode_step() if compile else self.decode
+        next_input = input_ids
+        for pos in range(prompt_len, total):
+            step = self.decode if pos == prompt_len else decode_step
+            logits = step(next_input, cache).float()
+            next_token = sample_next_token(logits, temperature, top_k, top_p)
+            if eos_token_id is not None:
+                next_token = torch.where(done, eos[0], next_token)
+                done |= torch.isin(next_token, eos)
+            tokens[:, pos] = next_token
+            if streamer is not None:
+                streamer(next_token)
+            next_input = next_token[:, None]
+            # One device-to-host sync per token, only when there is something to stop on.
+            if eos_token_id is not None and bool(done.all()):
+                pos += 1
+                break
+        else:
+            pos = total
+        self.train(was_training)
+        return tokens[:, :pos]
+
+    def compiled_decode_step(self):
+        """decode through torch.compile, made once per model. A decoding step does little work per
+        kernel, so on CPU the compiled graph is called from C++ (cpp_wrapper), not from Python.
+        A new batch size or cache length compiles once more, with those sizes symbolic from then on."""
+        if self._compiled_decode is None:
+            on_cpu = self.tok_embeddings.weight.device.type == "cpu"
+            self._compiled_decode = torch.compile(self.decode, options={"cpp_wrapper": on_cpu})
+        return self._compiled_decode
+
+    # --- Hugging Face Llama layout --------------------------------------------------------------
+
+    def save_pretrained(self, out_dir, state_dict=None, token_ids=None):
+        """config.json and model.safetensors as LlamaForCausalLM has them (lm_head is tied: not stored).
+
+        state_dict: our weights when they live elsewhere (gathered from DDP or FSDP); token_ids: the
+        tokenizer's bos/eos/pad ids for config.json."""
+        from safetensors.torch import save_file
+        from transformers import LlamaConfig
+        os.makedirs(out_dir, exist_ok=True)
+        c = self.config
+        hf_config = LlamaConfig(
+            hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+            rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
+            tie_word_embeddings=True, attention_dropout=c.dropout, hidden_act="silu",
+            architectures=["LlamaForCausalLM"], dtype="float32", **(token_ids or {}))
+        hf_config.save_pretrained(out_dir)
+        # Our own fields too, so that multiple_of and dropout survive a round trip.
+        with open(os.path.join(out_dir, "tiny_llm_config.json"), "w") as f:
+            json.dump(asdict(c), f, indent=2)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        weights = {to_hf_name(name): tensor.detach().float().contiguous().cpu()
+                   for name, tensor in state_dict.items() if name != "output.weight"}
+        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, model_dir, strict=True, **config_overrides):
+        """config_overrides replace fields that do not change the weights' shapes, such as dropout."""
+        from safetensors.torch import load_file
+        config = replace(load_config(model_dir), **config_overrides)
+        model = cls(config)
+        hf_weights = load_file(os.path.join(model_dir, "model.safetensors"))
+        state = {from_hf_name(k): v for k, v in hf_weights.items() if k != "lm_head.weight"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "output.weight"]  # tied to tok_embeddings
+        if strict and (missing or unexpected):
+            raise ValueError(f"{model_dir}: weights do not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model
+
+
+# --- generation: the KV cache and sampling ------------------------------------------------------
+
+class KVCache:
+    """Preallocated keys and values for every layer, written in place at the positions being decoded.
+
+    Attention always reads the whole cache (a mask hides what is not written yet), and the write
+    positions are tensors, not Python ints: every decoding step sees the same shapes, so one compiled
+    step serves every token without recompiling. Each row (sequence) has its own length, so sequences
+    of different lengths decode side by side.
+
+    A layer's buffers are allocated at its first write, in the dtype of the keys and values attention
+    actually produced: bf16 under bf16 autocast although the weights are float32, float32 without."""
+
+    def __init__(self, config, batch_size, max_len, device):
+        self.shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k, self.v = [None] * config.n_layers, [None] * config.n_layers
+        self.max_len = max_len
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions filled, per row
+
+    def update(self, layer, positions, k, v):
+        """Store k, v (batch, kv_heads, seq, head_dim) at positions (batch, seq); return the whole cache."""
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        index = positions[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+
+def sample_next_token(logits, temperature, top_k, top_p, generator=None):
+    """Next ids (batch,) from logits (batch, vocab), on the logits' device; generator: a torch.Generator
+    of the request's own, for a seed that holds whatever else is being sampled at the same time."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; the first one always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator).squeeze(-1)
+
+
+# --- the loss, and the same loss in chunks ---------------------------------------------------------
+
+def cross_entropy_sum(h, weight, targets):
+    """The training loss: the summed cross-entropy of the logits h @ weight.T (float32, as HF's loss)
+    against targets (-100: no loss). Transformer.forward takes the same sum with chunked_cross_entropy_sum."""
+    return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy_sum(h, weight, targets):
+    """cross_entropy_sum without ever holding all the logits, and faster (bench.py, section 1)."""
+    return LinearCrossEntropy.apply(h, weight, targets, torch.is_grad_enabled())
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of the logits h @ weight.T against targets (-100: no loss), without ever
     holding all the logits. (tokens, vocab) is the largest tensor of a training step, and log_softmax
@@ -224,178 +413,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return tuple(None if grad is None else grad * grad_loss for grad in ctx.saved_tensors) + (None, None)
 
 
-class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied, as in HF's tie_word_embeddings
-        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled_forward = None  # see compiled_decode_step
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2*n_layers), so
-        # the residual stream's variance does not grow with depth. Only wo and w2 write to the residual.
-        for name, param in self.named_parameters():
-            if name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), lm_head
-        included, plus attention's two (seq x seq) matmuls. Under the causal mask a token attends to
-        seq/2 positions on average, so attention counts 6 * n_layers * dim * seq, half of full attention."""
-        c = self.config
-        matmul_weights = self.num_params() - c.dim * (2 * c.n_layers + 1)  # all but the norms
-        return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
-
-    def forward(self, input_ids, labels=None, cache=None, num_items_in_batch=None, input_lengths=None):
-        """labels are aligned with input_ids (-100: no loss) and shifted here, as in HF.
-
-        input_lengths (batch,), with a cache: the rows are right-padded prompts of these lengths, prefilled
-        together (a server admitting several requests at once). Each row's cache keeps its real tokens
-        only (the pads' keys lie past its length, where the mask hides them and the next tokens overwrite
-        them) and the logits are those of its last real token. A real token never sees a pad: they come after it.
-
-        The loss is the mean over this batch's labelled tokens, or, given num_items_in_batch (as in HF),
-        their sum divided by it: under gradient accumulation that weights every token of the optimizer
-        step equally, however the tokens are spread over micro-batches. With labels, no logits are
-        returned: the loss is taken chunk by chunk without ever holding them all (LinearCrossEntropy).
-        """
-        seq = input_ids.shape[1]
-        positions = mask = None
-        if cache is None:
-            assert seq <= self.config.max_seq_len, \
-                f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
-            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        else:
-            # (batch, seq): each row continues its own sequence, at its own position.
-            positions = cache.length[:, None] + torch.arange(seq, device=input_ids.device)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-            # (batch, 1, seq, cache length): each new token sees its row's cache up to its own position.
-            mask = (torch.arange(cache.max_len, device=input_ids.device) <= positions[..., None]).unsqueeze(1)
-            cache.length += seq if input_lengths is None else input_lengths
-        h = self.dropout(self.tok_embeddings(input_ids))
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, positions, mask)
-        h = self.norm(h)
-        if labels is None:
-            # Generation needs only the last position's distribution: skip the other lm_head rows.
-            if cache is not None:
-                h = h[:, -1:] if input_lengths is None else h[torch.arange(len(h)), input_lengths - 1].unsqueeze(1)
-            return SimpleNamespace(logits=self.output(h), loss=None)
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
-        loss = LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.output.weight, targets,
-                                        torch.is_grad_enabled())
-        return SimpleNamespace(logits=None, loss=loss / (
-            (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch))
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, streamer=None, compile=False):
-        """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
-
-        temperature 0 is greedy. eos_token_id: an id or a list of ids (a model's generation_config may
-        list several) that end a sequence; a finished sequence is padded with the first of them until
-        all are done. `streamer(token_ids)` is called with each new column of ids, for streaming output.
-        compile: run the one-token decoding steps through torch.compile (compiled on first use, then
-        kept with the model); the prompt pass stays eager, as prompt lengths vary.
-        """
-        was_training = self.training
-        self.eval()
-        batch, prompt_len = input_ids.shape
-        total = min(prompt_len + max_new_tokens, self.config.max_seq_len)
-        assert prompt_len < total, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
-        tokens = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
-        tokens[:, :prompt_len] = input_ids
-        cache = KVCache(self.config, batch, total, input_ids.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        if eos_token_id is not None:
-            eos = torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
-        decode_step = self.compiled_decode_step() if compile else self
-        next_input = input_ids
-        for pos in range(prompt_len, total):
-            step = self if pos == prompt_len else decode_step
-            logits = step(next_input, cache=cache).logits[:, -1].float()
-            next_token = sample_next_token(logits, temperature, top_k, top_p)
-            if eos_token_id is not None:
-                next_token = torch.where(done, eos[0], next_token)
-                done |= torch.isin(next_token, eos)
-            tokens[:, pos] = next_token
-            if streamer is not None:
-                streamer(next_token)
-            next_input = next_token[:, None]
-            # One device-to-host sync per token, only when there is something to stop on.
-            if eos_token_id is not None and bool(done.all()):
-                pos += 1
-                break
-        else:
-            pos = total
-        self.train(was_training)
-        return tokens[:, :pos]
-
-    def compiled_decode_step(self):
-        """forward through torch.compile, made once per model. A decoding step does little work per
-        kernel, so on CPU the compiled graph is called from C++ (cpp_wrapper), not from Python.
-        A new batch size or cache length compiles once more, with those sizes symbolic from then on."""
-        if self._compiled_forward is None:
-            on_cpu = self.tok_embeddings.weight.device.type == "cpu"
-            self._compiled_forward = torch.compile(self.forward, options={"cpp_wrapper": on_cpu})
-        return self._compiled_forward
-
-    # --- Hugging Face Llama layout --------------------------------------------------------------
-
-    def save_pretrained(self, out_dir, state_dict=None, token_ids=None):
-        """config.json and model.safetensors as LlamaForCausalLM has them (lm_head is tied: not stored).
-
-        state_dict: our weights when they live elsewhere (gathered from DDP or FSDP); token_ids: the
-        tokenizer's bos/eos/pad ids for config.json."""
-        from safetensors.torch import save_file
-        from transformers import LlamaConfig
-        os.makedirs(out_dir, exist_ok=True)
-        c = self.config
-        hf_config = LlamaConfig(
-            hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-            rms_norm_eps=c.norm_eps, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
-            tie_word_embeddings=True, attention_dropout=c.dropout, hidden_act="silu",
-            architectures=["LlamaForCausalLM"], dtype="float32", **(token_ids or {}))
-        hf_config.save_pretrained(out_dir)
-        # Our own fields too, so that multiple_of and dropout survive a round trip.
-        with open(os.path.join(out_dir, "tiny_llm_config.json"), "w") as f:
-            json.dump(asdict(c), f, indent=2)
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        weights = {to_hf_name(name): tensor.detach().float().contiguous().cpu()
-                   for name, tensor in state_dict.items() if name != "output.weight"}
-        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-
-    @classmethod
-    def from_pretrained(cls, model_dir, strict=True, **config_overrides):
-        """config_overrides replace fields that do not change the weights' shapes, such as dropout."""
-        from safetensors.torch import load_file
-        config = replace(load_config(model_dir), **config_overrides)
-        model = cls(config)
-        hf_weights = load_file(os.path.join(model_dir, "model.safetensors"))
-        state = {from_hf_name(k): v for k, v in hf_weights.items() if k != "lm_head.weight"}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "output.weight"]  # tied to tok_embeddings
-        if strict and (missing or unexpected):
-            raise ValueError(f"{model_dir}: weights do not match the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model
-
+# --- Hugging Face's names -------------------------------------------------------------------
 
 def load_config(model_dir):
     """ModelConfig from our own file when present, else from a plain HF Llama config.json."""
@@ -442,22 +460,3 @@ def from_hf_name(name):
     top = {hf: ours for ours, hf in _TOP_NAMES.items()}
     layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
     return _rename(name, {**top, "layers": "layers."}, layer, "model.layers.")
-
-
-def sample_next_token(logits, temperature, top_k, top_p, generator=None):
-    """Next ids (batch,) from logits (batch, vocab), on the logits' device; generator: a torch.Generator
-    of the request's own, for a seed that holds whatever else is being sampled at the same time."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already cover top_p; the first one always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator).squeeze(-1)
-

@@ -26,6 +26,7 @@ prefill); one process, one device.
 """
 import argparse
 import asyncio
+import copy
 import io
 import json
 import os
@@ -91,6 +92,36 @@ class TextOutput:
 
 # --- the scheduler: continuous batching --------------------------------------------------------
 
+class BatchCache(KVCache):
+    """The running batch's KVCache, whose rows requests take and give back.
+
+    A new request's prompt is prefilled in a cache of its own and copied into a free row (copy_row); the
+    rows in use are always the first ones, and one decoding step runs them (first_rows)."""
+
+    def copy_row(self, row, source, source_row=0):
+        """Make `row` hold the sequence in row `source_row` of cache `source` (which may be shorter): how a
+        sequence prefilled on its own joins a batch, and how a batch closes the gap a finished one leaves.
+        Positions past its length keep stale values; attention never sees them."""
+        length = int(source.length[source_row])
+        for layer in range(len(self.k)):
+            if self.k[layer] is None:
+                self.k[layer] = source.k[layer].new_zeros(self.shape)
+                self.v[layer] = source.v[layer].new_zeros(self.shape)
+            self.k[layer][row, :, :length] = source.k[layer][source_row, :, :length]
+            self.v[layer][row, :, :length] = source.v[layer][source_row, :, :length]
+        self.length[row] = length
+
+    def first_rows(self, n):
+        """A cache of the first n rows that shares this one's memory: decoding it updates them here.
+        Copy a sequence in first (copy_row): a layer not allocated yet has no rows to share."""
+        assert all(k is not None for k in self.k), "first_rows of a cache nothing was copied into"
+        rows = copy.copy(self)
+        rows.shape = (n,) + self.shape[1:]
+        rows.k, rows.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        rows.length = self.length[:n]
+        return rows
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request as the scheduler sees it. The handler reads `events`: ("text", str) any number of
@@ -124,12 +155,12 @@ class Scheduler:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
-        self.cache = KVCache(model.config, max_batch_size, model.config.max_seq_len, self.device)
+        self.cache = BatchCache(model.config, max_batch_size, model.config.max_seq_len, self.device)
         self.rows = []          # the sequences in rows 0..len-1 of the cache
         self.next_ids = []      # each row's last token, the input of the next step
         self.waiting = queue.Queue()
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
-        self.decode_step = model.compiled_decode_step() if compile else model
+        self.decode_step = model.compiled_decode_step() if compile else model.decode
         if compile:
             self._compile_now()
 
@@ -178,8 +209,7 @@ class Scheduler:
                 prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
                 sequence.output = TextOutput(self.tokenizer, sequence.stop)
             cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
-            logits = self.model(prompts, cache=cache,
-                                input_lengths=torch.tensor(lengths, device=self.device)).logits[:, -1].float()
+            logits = self.model.decode(prompts, cache, torch.tensor(lengths, device=self.device)).float()
             tokens = self._sample(sequences, logits)
         except Exception:
             if len(sequences) > 1:
@@ -201,7 +231,7 @@ class Scheduler:
             return
         n = len(self.rows)
         input_ids = torch.tensor(self.next_ids, dtype=torch.long, device=self.device)[:, None]
-        logits = self.decode_step(input_ids, cache=self.cache.first_rows(n)).logits[:, -1].float()
+        logits = self.decode_step(input_ids, self.cache.first_rows(n)).float()
         self.next_ids = self._sample(self.rows, logits)
         self._drop([i for i, (sequence, token) in enumerate(zip(self.rows, self.next_ids))
                     if self._emit(sequence, token)], None)
@@ -271,12 +301,11 @@ class Scheduler:
         """Compile the decoding step before the first request: for one row, then for two (from then on
         the batch size is symbolic and 2..max_batch_size rows reuse it)."""
         print("compiling the decoding step...", file=sys.stderr)
-        scratch = KVCache(self.model.config, 2, self.model.config.max_seq_len, self.device)
+        scratch = BatchCache(self.model.config, 2, self.model.config.max_seq_len, self.device)
         with torch.no_grad():
-            self.model(torch.zeros(2, 1, dtype=torch.long, device=self.device), cache=scratch)
+            self.model.decode(torch.zeros(2, 1, dtype=torch.long, device=self.device), scratch)
             for n in (1, 2):
-                self.decode_step(torch.zeros(n, 1, dtype=torch.long, device=self.device),
-                                 cache=scratch.first_rows(n))
+                self.decode_step(torch.zeros(n, 1, dtype=torch.long, device=self.device), scratch.first_rows(n))
 
 
 # --- the HTTP API ------------------------------------------------------------------------------

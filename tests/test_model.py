@@ -216,7 +216,7 @@ def test_num_items_in_batch_is_a_sum_over_tokens(trained):
 
 
 def test_gradients_match_hf(trained):
-    """The loss's gradients, which LinearCrossEntropy computes by hand in chunks of 256 tokens (384
+    """The loss's gradients, which chunked_cross_entropy_sum computes by hand in chunks of 256 tokens (384
     tokens here: a full chunk and a partial one), are autograd's through HF's model, every weight."""
     import copy
     from model import to_hf_name
@@ -233,11 +233,11 @@ def test_gradients_match_hf(trained):
 
 
 @pytest.mark.parametrize("h_grad,weight_grad", [(True, True), (True, False), (False, True)])
-def test_linear_cross_entropy_gives_only_the_gradients_asked_for(h_grad, weight_grad):
-    """Against autograd through F.cross_entropy of the full logits, whichever inputs require
-    gradients (a frozen output layer, or a frozen body below an untied one); and the same loss under
-    no_grad."""
-    from model import LinearCrossEntropy
+def test_the_chunked_loss_is_the_formula_with_only_the_gradients_asked_for(h_grad, weight_grad):
+    """chunked_cross_entropy_sum, what training runs, against cross_entropy_sum, the formula, through
+    autograd: the same loss and gradients, whichever inputs require gradients (a frozen output layer, or
+    a frozen body below an untied one); and the same loss under no_grad."""
+    from model import chunked_cross_entropy_sum, cross_entropy_sum
     g = torch.Generator().manual_seed(14)
     h, weight = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
     targets = torch.randint(50, (300,), generator=g)
@@ -245,8 +245,7 @@ def test_linear_cross_entropy_gives_only_the_gradients_asked_for(h_grad, weight_
     results = []
     for ours in (True, False):
         a, b = h.clone().requires_grad_(h_grad), weight.clone().requires_grad_(weight_grad)
-        loss = (LinearCrossEntropy.apply(a, b, targets, True) if ours
-                else F.cross_entropy(a @ b.t(), targets, ignore_index=-100, reduction="sum"))
+        loss = (chunked_cross_entropy_sum if ours else cross_entropy_sum)(a, b, targets)
         (3 * loss).backward()
         results.append((loss.detach(), a.grad, b.grad))
     (loss, grad_h, grad_weight), (expected_loss, expected_h, expected_weight) = results
@@ -256,7 +255,7 @@ def test_linear_cross_entropy_gives_only_the_gradients_asked_for(h_grad, weight_
         if expected is not None:
             torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        loss = LinearCrossEntropy.apply(h.requires_grad_(), weight, targets, torch.is_grad_enabled())
+        loss = chunked_cross_entropy_sum(h.requires_grad_(), weight, targets)
     torch.testing.assert_close(loss, expected_loss)
 
 
@@ -304,8 +303,8 @@ def test_kv_cache_logits_equal_the_full_forward(trained):
         full = model(ids).logits
         cache = KVCache(model.config, 2, 48, ids.device)
         for start, end in [(0, 10), (10, 16)] + [(pos, pos + 1) for pos in range(16, 40)]:
-            logits = model(ids[:, start:end], cache=cache).logits
-            torch.testing.assert_close(logits[:, -1], full[:, end - 1], atol=ATOL, rtol=0)
+            logits = model.decode(ids[:, start:end], cache)
+            torch.testing.assert_close(logits, full[:, end - 1], atol=ATOL, rtol=0)
         assert cache.length.tolist() == [40, 40]
 
 
@@ -343,7 +342,7 @@ def test_generate_under_autocast_equals_the_converted_model(trained, dtype, devi
         assert torch.equal(model.generate(ids, 20, temperature=0), expected)
         assert torch.equal(model.generate(ids, 20, temperature=0, compile=True), expected)
         cache = KVCache(model.config, 2, 8, ids.device)
-        model(ids, cache=cache)
+        model.decode(ids, cache)
     assert cache.k[0].dtype == cache.v[0].dtype == dtype
 
 
