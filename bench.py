@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import (PretrainDataset, build_token_cache, cache_dtype, collate, collate_preferences, open_binary,
-                     parse_text, read_records)
+from corpus import open_binary, parse_text, read_records
+from dataset import PretrainDataset, collate, collate_preferences
+from token_cache import build_token_cache, cache_dtype
 from model import ModelConfig, Transformer
 from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
 from train_model import choose_recipe, parse_args as parse_train_args
@@ -768,7 +769,8 @@ def bench_trl(args, device):
     import trl
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer
-    from dataset import PreferenceDataset, encode_conversation, parse_conversation, parse_preference
+    from corpus import parse_conversation, parse_preference
+    from dataset import PreferenceDataset, encode_conversation
     from train_model import (adapter_hf_name, add_lora, is_lora_weight, lora_hf_names, lora_target_names,
                              sequence_log_probs)
     disable_progress_bars()

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from dataset import DataError, parse_text, read_records
+from corpus import DataError, parse_text, read_records
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 SUITE = "tiny_llm_poetry"  # the group of the bundled tasks (tasks/tiny_llm_poetry.yaml)

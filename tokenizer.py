@@ -11,7 +11,7 @@ import sys
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dataset import DataError, data_files, parse_texts, read_records, text_bytes
+from corpus import DataError, data_files, parse_texts, read_records, text_bytes
 
 END_OF_TEXT = "<|endoftext|>"  # separates documents in pretraining; also the bos token (see below)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eos token

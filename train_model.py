@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (DataError, PreferenceDataset, PretrainDataset, SFTDataset, build_token_cache, collate,
-                     collate_preferences, data_files, estimate_samples_per_epoch)
+from corpus import DataError, data_files
+from dataset import (PreferenceDataset, PretrainDataset, SFTDataset, collate, collate_preferences,
+                     estimate_samples_per_epoch)
+from token_cache import build_token_cache
 from model import _LAYER_NAMES, ModelConfig, Transformer, to_hf_name
 
 STATE_FILE = "training_state.pt"

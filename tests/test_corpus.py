@@ -15,9 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import dataset as dataset_module
+import corpus
+import token_cache
 from conftest import TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
-from dataset import PretrainDataset, SFTDataset, build_token_cache, data_files, read_records
+from corpus import data_files, read_records
+from dataset import PretrainDataset, SFTDataset
+from token_cache import build_token_cache
 from tokenizer import sample_texts
 
 SHARD_ROWS = [130, 170, 100]  # not multiples of the validation stride: the split must run across shards
@@ -82,7 +85,7 @@ def test_bad_rows_are_reported_as_file_and_row(tmp_path, pretrain_records, capsy
     parquet_records = pretrain_records[sum(SHARD_ROWS[:2]):]
     parquet_records[40] = {"text": ""}
     write_parquet(shards[2], parquet_records)
-    rows = list(read_records(shards, dataset_module.parse_text, report_after=0))
+    rows = list(read_records(shards, corpus.parse_text, report_after=0))
     assert len(rows) == sum(SHARD_ROWS) - 2
     warning = capsys.readouterr().err
     # Row 150 of the corpus is row 20 of the .jsonl.gz shard; the Parquet shard's row 41 is its 41st row.
@@ -102,7 +105,7 @@ def test_data_files_sorts_and_finds(tmp_path):
     assert data_files([str(tmp_path / "b"), str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")]) == expected
     for spec, message in ((tmp_path / "none.jsonl", "does not exist"), (tmp_path / "*.parquet", "no file matches"),
                           (tmp_path / "empty", "holds no")):
-        with pytest.raises(dataset_module.DataError, match=message):
+        with pytest.raises(corpus.DataError, match=message):
             data_files(str(spec))
 
 
@@ -156,8 +159,8 @@ def test_token_cache_is_the_token_stream_whatever_the_workers(tokenizer, tmp_pat
     assert not build_token_cache(PretrainDataset(shards, tokenizer, 32), str(tmp_path / "two.bin"), num_workers=2)
 
 
-def logged_tokenize_chunk(rows, tokenize_chunk=dataset_module._tokenize_chunk):
-    """dataset._tokenize_chunk that appends the chunk's first row index to the file $CHUNK_LOG (the workers
+def logged_tokenize_chunk(rows, tokenize_chunk=token_cache._tokenize_chunk):
+    """token_cache._tokenize_chunk that appends the chunk's first row index to the file $CHUNK_LOG (the workers
     are other processes; a module-level function, so that the pool can send it to them)."""
     with open(os.environ["CHUNK_LOG"], "a") as f:
         f.write(f"{rows[0][0]}\n")
@@ -168,14 +171,14 @@ def test_an_interrupted_token_cache_build_continues(tokenizer, tmp_path, pretrai
     shards = write_shards(tmp_path / "shards", pretrain_records)
     expected = cache_bytes(tokenizer, shards, tmp_path / "whole.bin", num_workers=2, chunk_rows=16)
     path = str(tmp_path / "tokens.bin")
-    read_rows = dataset_module.read_rows
+    read_rows = corpus.read_rows
 
     def interrupted(file):
         for n, item in enumerate(read_rows(file)):
             if file == shards[1] and n == 100:
                 raise KeyboardInterrupt  # Ctrl-C while the main process reads the second shard
             yield item
-    monkeypatch.setattr(dataset_module, "read_rows", interrupted)
+    monkeypatch.setattr(corpus, "read_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_token_cache(PretrainDataset(shards, tokenizer, 32), path, num_workers=2, chunk_rows=16, save_every=2)
     assert not os.path.exists(path)
@@ -184,8 +187,8 @@ def test_an_interrupted_token_cache_build_continues(tokenizer, tmp_path, pretrai
     assert 0 < done < SHARD_ROWS[0] + 100
 
     # Continue: the chunks tokenized now (logged by the workers, forked with this patch) all come after.
-    monkeypatch.setattr(dataset_module, "read_rows", read_rows)
-    monkeypatch.setattr(dataset_module, "_tokenize_chunk", logged_tokenize_chunk)
+    monkeypatch.setattr(corpus, "read_rows", read_rows)
+    monkeypatch.setattr(token_cache, "_tokenize_chunk", logged_tokenize_chunk)
     log = tmp_path / "chunks.log"
     monkeypatch.setenv("CHUNK_LOG", str(log))
     capsys.readouterr()

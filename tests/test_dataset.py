@@ -9,8 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import DATA_DIR, shipped_lines, write_jsonl
-from dataset import (PretrainDataset, SFTDataset, build_token_cache, collate, encode_conversation,
-                     estimate_samples_per_epoch, parse_conversation)
+from corpus import parse_conversation
+from dataset import PretrainDataset, SFTDataset, collate, encode_conversation, estimate_samples_per_epoch
+from token_cache import build_token_cache
 
 PRETRAIN_GZ = os.path.join(DATA_DIR, "pretrain_poetry.jsonl.gz")
 SFT_GZ = os.path.join(DATA_DIR, "sft_poetry.jsonl.gz")

@@ -122,7 +122,8 @@ def paper_log_prob(model, tokenizer, prompt, answer):
 
 
 def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, base_model):
-    from dataset import PreferenceDataset, collate_preferences, parse_preference
+    from corpus import parse_preference
+    from dataset import PreferenceDataset, collate_preferences
     from model import Transformer, to_hf_name
     from train_model import DPOLoss
     records = [
