@@ -55,8 +55,10 @@ from corpus import open_binary, parse_text, read_records
 from dataset import PretrainDataset, collate, collate_preferences
 from token_cache import build_token_cache, cache_dtype
 from model import ModelConfig, Transformer
-from train_model import LORA_TARGETS, make_optimizers, measure_matmul_flops, synchronize
-from train_model import choose_recipe, parse_args as parse_train_args
+from logger import measure_matmul_flops, synchronize
+from lora import LORA_TARGETS
+from recipes import choose_recipe, make_optimizers
+from train_model import parse_args as parse_train_args
 
 # Model shapes. demo: train.sh's CPU demo; 215m: the seed's GPU recipe; tiny: tests and smoke runs.
 CONFIGS = {
@@ -176,8 +178,7 @@ def train_step_fn(model, input_ids, labels, device, optimizer="adamw", reference
     `reference` model DPO's against it, as --mode dpo), backward, the optimizer step (AdamW, or Muon for
     the blocks' matrices and AdamW for the rest)."""
     args = parse_train_args(["--optimizer", optimizer])
-    choose_recipe(args, None, None)  # the default learning rates
-    optimizers = make_optimizers(model, args, device)
+    optimizers = make_optimizers(model, args, choose_recipe(args), device)  # the default learning rates
     model.train()
 
     def step():
@@ -738,10 +739,11 @@ def trainer_step_fn(trainer, inputs):
 
 
 def our_dpo_loss(model, reference, input_ids, labels, beta=0.1):
-    """train_model.py --mode dpo's loss of a preference batch: DPOLoss against a frozen reference model."""
-    from train_model import DPOLoss
-    objective = DPOLoss(beta, lambda ids: reference(ids).logits)
-    return objective(model, input_ids, labels, objective.items(labels))[0]
+    """train_model.py --mode dpo's loss of a preference batch against a frozen reference model."""
+    from modes import dpo_loss, sequence_log_probs
+    with torch.no_grad():
+        reference_log_probs = sequence_log_probs(reference(input_ids).logits, labels)
+    return dpo_loss(model(input_ids).logits, reference_log_probs, labels, beta, labels.shape[0] // 2)[0]
 
 
 def dpo_trl_inputs(trainer, labels, input_ids):
@@ -771,8 +773,8 @@ def bench_trl(args, device):
     from transformers import AutoTokenizer
     from corpus import parse_conversation, parse_preference
     from dataset import PreferenceDataset, encode_conversation
-    from train_model import (adapter_hf_name, add_lora, is_lora_weight, lora_hf_names, lora_target_names,
-                             sequence_log_probs)
+    from lora import adapter_hf_name, add_lora, is_lora_weight, lora_hf_names, lora_target_names
+    from modes import sequence_log_probs
     disable_progress_bars()
     if args.trl and not os.path.isfile(os.path.join(args.trl, "model.safetensors")):
         sys.exit(f"error: --trl {args.trl}: holds no model.safetensors; pass a directory written by train_model.py")

@@ -11,20 +11,18 @@ RECIPE=${1:-demo}
 
 if [ "$RECIPE" = demo ]; then
   OUT=runs/demo
-  MODEL="--dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4 --max_seq_len 256 --device cpu"
   echo "== 1/5 tokenizer: byte-level BPE, 6144 tokens, on the shipped poetry sample"
   python tokenizer.py --data_path data/pretrain_poetry.jsonl.gz data/sft_poetry.jsonl.gz \
     --vocab_size 6144 --out_dir $OUT/tokenizer
   echo "== 2/5 pretraining a 4.5M-parameter model with Muon (about 8 minutes on 2 CPU cores)"
   python train_model.py --out_dir $OUT/base --data_path data/pretrain_poetry.jsonl.gz \
-    --tokenizer_path $OUT/tokenizer $MODEL --batch_size 16 --optimizer muon --muon_learning_rate 8e-3 \
-    --learning_rate 2.4e-2 --lr_schedule wsd --warmup_iters 30 --max_steps 383 --eval_interval 100 --save_interval 100
+    --tokenizer_path $OUT/tokenizer $(python recipes.py demo-pretrain) --device cpu --eval_interval 100 \
+    --save_interval 100
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
   echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
   python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry.jsonl.gz --init_from $OUT/base \
-    --tokenizer_path $OUT/base $MODEL --batch_size 16 --learning_rate 1e-3 --warmup_iters 20 \
-    --max_steps 400 --eval_interval 100 --save_interval 100
+    --tokenizer_path $OUT/base $(python recipes.py demo-sft) --device cpu --eval_interval 100 --save_interval 100
   echo "== 5/5 chat with the fine-tuned model"
   python generate.py --model $OUT/sft --chat --prompt "请背诵孟浩然的《春晓》。" --seed 1
   python generate.py --model $OUT/sft --chat --prompt "“床前明月光”出自哪首作品？" --seed 1
@@ -44,21 +42,18 @@ elif [ "$RECIPE" = dpo ]; then
   OUT=runs/demo
   python train_model.py --mode dpo --out_dir $OUT/dpo --data_path data/dpo_poetry.jsonl.gz \
     --val_data_path data/dpo_poetry_eval.jsonl.gz --init_from $OUT/sft --tokenizer_path $OUT/sft \
-    --max_seq_len 256 --device cpu --lora_rank 16 --lora_alpha 32 --batch_size 8 --learning_rate 2e-3 \
-    --warmup_iters 10 --max_steps 250 --eval_interval 50 --eval_batches 50 --save_interval 50
+    $(python recipes.py demo-dpo) --device cpu --eval_interval 50 --eval_batches 50 --save_interval 50
   python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
 elif [ "$RECIPE" = gpu ]; then
-  # The seed's 215M recipe (AdamW + cosine: Muon's learning rates were measured on CPU-sized models only).
-  # One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
+  # The seed's 215M recipe (recipes.py). One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
   NGPUS=${NGPUS:-1}
-  MODEL="--dim 1024 --n_layers 18 --n_heads 16 --n_kv_heads 8 --max_seq_len 512 --device cuda --dtype bfloat16"
   python tokenizer.py --data_path seq_monkey_datawhale.jsonl --vocab_size 6144 --out_dir custom_tokenizer
   torchrun --standalone --nproc_per_node "$NGPUS" train_model.py --out_dir base_model_215M \
-    --data_path seq_monkey_datawhale.jsonl $MODEL --epochs 1 --batch_size 32 --optimizer adamw --lr_schedule cosine \
-    --learning_rate 3e-4 --accumulation_steps $((8 / NGPUS > 0 ? 8 / NGPUS : 1)) --num_workers 4 --use_swanlab
+    --data_path seq_monkey_datawhale.jsonl $(python recipes.py gpu-pretrain) --device cuda --dtype bfloat16 \
+    --epochs 1 --accumulation_steps $((8 / NGPUS > 0 ? 8 / NGPUS : 1)) --num_workers 4 --use_swanlab
   torchrun --standalone --nproc_per_node "$NGPUS" train_model.py --out_dir sft_model_215M \
-    --data_path BelleGroup_sft.jsonl --init_from base_model_215M --tokenizer_path base_model_215M $MODEL \
-    --epochs 1 --batch_size 32 --learning_rate 1e-4 --num_workers 4 --use_swanlab
+    --data_path BelleGroup_sft.jsonl --init_from base_model_215M --tokenizer_path base_model_215M \
+    $(python recipes.py gpu-sft) --device cuda --dtype bfloat16 --epochs 1 --num_workers 4 --use_swanlab
   python generate.py --model sft_model_215M --chat --prompt "你好，请介绍一下你自己。"
 else
   echo "usage: bash train.sh [demo|dpo|gpu]" >&2

@@ -113,3 +113,32 @@ def run_main(argv, module="train_model"):
     except SystemExit as e:
         return e.code
     return None
+
+
+class ForwardSpy:
+    """Wraps Transformer.forward: counts training forwards and lets a test corrupt chosen ones.
+
+    With --accumulation_steps 1, the n-th training forward of a run is its n-th step from the start.
+    `corrupt(n, model, output)` may change output in place."""
+
+    def __init__(self, monkeypatch, corrupt=None):
+        from model import Transformer
+        self.calls, self.corrupt = 0, corrupt
+        original = Transformer.forward
+
+        def forward(model, input_ids, labels=None, num_items_in_batch=None):
+            out = original(model, input_ids, labels=labels, num_items_in_batch=num_items_in_batch)
+            if model.training and torch.is_grad_enabled():  # not evaluations, nor DPO's reference
+                self.calls += 1
+                if self.corrupt is not None:
+                    self.corrupt(self.calls, model, out)
+            return out
+
+        monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def nan_loss_at(steps):
+    def corrupt(step, model, output):
+        if step in steps:
+            output.loss = output.loss * float("nan")
+    return corrupt

@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoints  # noqa: E402
 import train_model  # noqa: E402
 
 _rmtree = shutil.rmtree
@@ -20,7 +21,7 @@ _rmtree = shutil.rmtree
 
 def rmtree_then_die(path, *args, **kwargs):
     weights = os.path.join(path, "model.safetensors")
-    if os.path.isfile(weights) and os.path.isfile(os.path.join(path, train_model.STATE_FILE)):
+    if os.path.isfile(weights) and os.path.isfile(os.path.join(path, checkpoints.STATE_FILE)):
         os.remove(weights)
         os.kill(os.getpid(), signal.SIGKILL)
     return _rmtree(path, *args, **kwargs)

@@ -20,7 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_model  # noqa: E402
-from dataset import collate  # noqa: E402
+from dataset import PretrainDataset, SFTDataset, collate  # noqa: E402
 
 events = []
 grads = {}
@@ -84,7 +84,9 @@ def reference_gradient(argv):
     model = train_model.build_model(args, tokenizer, None)
     # batch_size * world_size per global micro-batch, as in the run, so SFT's sorting windows agree.
     single = train_model.parse_args([*argv, "--batch_size", str(args.batch_size * world_size)])
-    dataset, _ = train_model.make_loader(single, tokenizer, "train", 0, 1, torch.device("cpu"))
+    dataset_class = SFTDataset if train_model.training_mode(single) == "sft" else PretrainDataset
+    dataset = dataset_class(single.data_path, tokenizer, single.max_seq_len, batch_size=single.batch_size,
+                            seed=single.seed)
     samples = [s for s, _ in zip(dataset, range(step_samples))]
     batch = collate(samples, pad_id=tokenizer.pad_token_id)
     model(batch["input_ids"], labels=batch["labels"]).loss.backward()

@@ -8,7 +8,7 @@ import torch
 import bench
 from conftest import TOKENIZER_DIR, tiny_config
 from model import Transformer
-from train_model import measure_matmul_flops
+from logger import measure_matmul_flops
 
 
 def test_count_useful_tokens_skips_the_first_position_and_minus_100():
@@ -173,9 +173,9 @@ def test_each_section_prints_as_it_is_measured_and_a_failure_spares_the_others(p
 def test_matmul_peak_waits_for_the_device_once_per_doubling_batch(monkeypatch):
     """On a GPU a synchronize after every matmul would time the launch and the wait, not the matmul
     (an H200 does a 1024^3 matmul in microseconds): the matmuls are queued in batches that double."""
-    import train_model
+    import logger
     syncs = []
-    monkeypatch.setattr(train_model, "synchronize", lambda device: syncs.append(device))
+    monkeypatch.setattr(logger, "synchronize", lambda device: syncs.append(device))
 
     class CountMatmuls(torch.overrides.TorchFunctionMode):
         calls = 0
@@ -184,7 +184,7 @@ def test_matmul_peak_waits_for_the_device_once_per_doubling_batch(monkeypatch):
             CountMatmuls.calls += func in (torch.Tensor.matmul, torch.Tensor.__matmul__, torch.matmul)
             return func(*args, **(kwargs or {}))
     with CountMatmuls():
-        flops = train_model.measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=0.3)
+        flops = logger.measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=0.3)
     runs = CountMatmuls.calls - 1  # the warm-up
     assert flops > 0 and runs >= 2
     assert len(syncs) == 1 + math.ceil(math.log2(runs + 1))  # after the warm-up, then once per batch

@@ -22,7 +22,7 @@ CONTEXT = 128  # positions of the test model: the longest bundled item takes abo
 def model_dir(tmp_path_factory, tokenizer):
     """A complete model directory (weights, tokenizer) of the tiny architecture with CONTEXT positions."""
     from model import Transformer
-    from train_model import write_model_dir
+    from checkpoints import write_model_dir
     path = str(tmp_path_factory.mktemp("eval") / "model")
     torch.manual_seed(0)
     model = Transformer(tiny_config(len(tokenizer), max_seq_len=CONTEXT))
@@ -43,7 +43,7 @@ def hf_nll(hf_model, ids):
 # --- bits per byte in training ---------------------------------------------------------------------
 
 def test_token_byte_lengths_add_up_to_the_texts_utf8_bytes(tokenizer):
-    from train_model import token_byte_lengths
+    from modes import token_byte_lengths
     table = token_byte_lengths(tokenizer)
     texts = [r["text"] for r in shipped_lines("pretrain_poetry.jsonl.gz", 300)] + ["emoji 🎉 and ｆｕｌｌ-width　space"]
     partial = 0
@@ -66,7 +66,7 @@ def test_pretrain_val_bpb_equals_llama_for_causal_lm(tmp_path, tokenizer):
     document, each followed by <|endoftext|>, packed into blocks of 64 tokens; <|endoftext|> targets
     count neither loss nor bytes."""
     from transformers import LlamaForCausalLM
-    from train_model import token_byte_lengths
+    from modes import token_byte_lengths
     records = shipped_lines("pretrain_poetry.jsonl.gz", 2000)
     data = write_jsonl(tmp_path / "pretrain.jsonl", records)
     out = tmp_path / "out"

@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from model import Transformer
-    from train_model import write_model_dir
+    from checkpoints import write_model_dir
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(0)
     model = Transformer(tiny_config(len(tokenizer), rope_theta=50000.0, norm_eps=1e-6))
@@ -111,7 +111,7 @@ def test_q8_0_keeps_f16_for_rows_that_do_not_split_into_blocks_of_32(tmp_path):
     from transformers import AutoTokenizer
 
     from model import Transformer
-    from train_model import write_model_dir
+    from checkpoints import write_model_dir
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model = Transformer(tiny_config(len(tokenizer), dim=48, n_layers=1))
     write_model_dir(str(tmp_path / "m"), model, model.state_dict(), tokenizer)

@@ -33,11 +33,11 @@ def _learnt_sequences(tokenizer):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny model trained until it says both sequences, saved by train_model.write_model_dir."""
+    """A tiny model trained until it says both sequences, saved by checkpoints.write_model_dir."""
     from transformers import AutoTokenizer
 
     from model import Transformer
-    from train_model import write_model_dir
+    from checkpoints import write_model_dir
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     completion, chat = _learnt_sequences(tokenizer)
     rows = torch.tensor([completion + chat, chat + completion])

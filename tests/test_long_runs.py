@@ -20,7 +20,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, run_main, shipped_lines,
+                      write_jsonl)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fast settings shared by every run: a tiny model, a learning rate large enough that every update shows in
@@ -79,28 +80,6 @@ def weights(path):
 def same_weights(a, b):
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-class ForwardSpy:
-    """Wraps Transformer.forward: counts training forwards and lets a test corrupt chosen ones.
-
-    With --accumulation_steps 1, the n-th training forward of a run is its n-th step from the start.
-    `corrupt(n, model, output)` may change output in place."""
-
-    def __init__(self, monkeypatch, corrupt=None):
-        from model import Transformer
-        self.calls, self.corrupt = 0, corrupt
-        original = Transformer.forward
-
-        def forward(model, input_ids, labels=None, cache=None, num_items_in_batch=None):
-            out = original(model, input_ids, labels=labels, cache=cache, num_items_in_batch=num_items_in_batch)
-            if model.training and torch.is_grad_enabled():  # not evaluations, nor DPO's reference
-                self.calls += 1
-                if self.corrupt is not None:
-                    self.corrupt(self.calls, model, out)
-            return out
-
-        monkeypatch.setattr(Transformer, "forward", forward)
 
 
 class InfiniteGradient(torch.autograd.Function):
@@ -470,13 +449,6 @@ def test_kill_9_while_deleting_an_old_checkpoint(tmp_path, pretrain_file):
 
 
 # --- non-finite steps ------------------------------------------------------------------------------
-
-def nan_loss_at(steps):
-    def corrupt(step, model, output):
-        if step in steps:
-            output.loss = output.loss * float("nan")
-    return corrupt
-
 
 def test_nan_loss_skips_the_update(tmp_path, pretrain_file, monkeypatch, capsys):
     out = tmp_path / "out"

@@ -125,7 +125,7 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
     from corpus import parse_preference
     from dataset import PreferenceDataset, collate_preferences
     from model import Transformer, to_hf_name
-    from train_model import DPOLoss
+    from modes import dpo_loss, sequence_log_probs
     records = [
         {"prompt": "《静夜思》的作者是谁？", "chosen": "《静夜思》的作者是李白。", "rejected": "《静夜思》的作者是白居易。"},
         {"prompt": [{"role": "system", "content": "你是一个熟读古诗词的AI助手。"},
@@ -147,8 +147,10 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
 
     policy = Transformer.from_pretrained(policy_dir)
     reference = Transformer.from_pretrained(base_model).eval()
-    objective = DPOLoss(beta, lambda ids: reference(ids).logits)
-    loss, (margin_sum, correct) = objective(policy, batch["input_ids"], batch["labels"], len(pairs))
+    with torch.no_grad():
+        reference_log_probs = sequence_log_probs(reference(batch["input_ids"]).logits, batch["labels"])
+    loss, (margin_sum, correct) = dpo_loss(policy(batch["input_ids"]).logits, reference_log_probs, batch["labels"],
+                                           beta, len(pairs))
     loss.backward()
 
     # The paper's formula, pair by pair (no padding), from transformers' model.
@@ -175,10 +177,14 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_reference_is_the_init_from_model_throughout(lora, tmp_path, dpo_file, base_model, monkeypatch):
-    import train_model
+    import modes
     objectives = []
-    make_objective = train_model.make_objective
-    monkeypatch.setattr(train_model, "make_objective", lambda *a: objectives.append(make_objective(*a)) or objectives[-1])
+
+    class RecordedDPO(modes.DPO):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            objectives.append(self)
+    monkeypatch.setitem(modes.MODES, "dpo", RecordedDPO)
     start = perturbed_copy(base_model, tmp_path / "start")
     out = tmp_path / "out"
     assert run_main(["--data_path", dpo_file, "--out_dir", out, *FAST, "--init_from", start, "--max_steps", "3",

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoints
 import train_model
 from conftest import TINY_MODEL_ARGS, run_main
 from forced_dtype import force
@@ -83,7 +84,7 @@ def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkey
     assert val_loss(out) == pytest.approx(val_loss(reference), abs=tolerance)
     assert got != expected  # half precision did run: the losses are not bit-identical
     assert all(w.dtype == torch.float32 for w in weights(out).values())
-    state = torch.load(os.path.join(out, "checkpoint-2", train_model.STATE_FILE), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoint-2", checkpoints.STATE_FILE), weights_only=False)
     if name == "fp16":
         assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     else:
@@ -125,3 +126,4 @@ def test_dtype_auto_takes_native_bf16_else_float16(monkeypatch, major, expected)
     # An explicit choice is kept, even where it is slow.
     args = train_model.parse_args(["--device", "cuda", "--dtype", "bfloat16"])
     assert train_model.resolve_device_and_dtype(args)[1] == torch.bfloat16
+

@@ -28,7 +28,7 @@ def write_chatty_model(path, max_seq_len, seed=0):
     decoding does not hinge on rounding) and no end token within the first 1,000 tokens (checked)."""
     from transformers import AutoTokenizer
     from model import Transformer
-    from train_model import write_model_dir
+    from checkpoints import write_model_dir
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(seed)
     model = Transformer(tiny_config(len(tokenizer), max_seq_len=max_seq_len))

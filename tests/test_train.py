@@ -15,7 +15,7 @@ from model import Transformer
 # --- the learning-rate schedule ------------------------------------------------------------------------
 
 def test_get_lr_warmup_is_linear():
-    from train_model import get_lr
+    from recipes import get_lr
     lr, warmup, max_steps = 3e-4, 10, 100
     values = [get_lr(step, lr, warmup, max_steps) for step in range(warmup)]
     assert values[0] == pytest.approx(lr / warmup)
@@ -26,7 +26,7 @@ def test_get_lr_warmup_is_linear():
 
 
 def test_get_lr_cosine_decay_and_floor():
-    from train_model import get_lr
+    from recipes import get_lr
     lr, warmup, max_steps = 3e-4, 10, 110
     decay = [get_lr(step, lr, warmup, max_steps) for step in range(warmup, max_steps + 1)]
     assert decay[0] == pytest.approx(lr)
@@ -43,7 +43,7 @@ def test_get_lr_cosine_decay_and_floor():
 
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
 def test_wsd_holds_the_peak_then_cools_down_over_the_last_fraction(shape):
-    from train_model import get_lr
+    from recipes import get_lr
     lr, warmup, max_steps = 1e-3, 10, 100  # decay_fraction 0.2: the last 20 steps, 80 to 99
     values = [get_lr(s, lr, warmup, max_steps, "wsd", 0.2, shape) for s in range(max_steps + 5)]
     assert values[:warmup] == pytest.approx([lr * (s + 1) / warmup for s in range(warmup)])
@@ -58,7 +58,7 @@ def test_wsd_holds_the_peak_then_cools_down_over_the_last_fraction(shape):
 
 
 def test_get_lr_without_warmup_and_with_short_runs():
-    from train_model import get_lr
+    from recipes import get_lr
     assert get_lr(0, 1e-3, 0, 50) == pytest.approx(1e-3)
     # A run shorter than its warmup never leaves the warmup, and never exceeds the peak.
     assert [get_lr(s, 1e-3, 100, 6) for s in range(6)] == pytest.approx([1e-5 * (s + 1) for s in range(6)])
@@ -124,10 +124,10 @@ def test_training_loop_weights_tokens_over_the_step(tmp_path, monkeypatch):
     seen = []
     original = Transformer.forward
 
-    def spy(self, input_ids, labels=None, cache=None, num_items_in_batch=None):
+    def spy(self, input_ids, labels=None, num_items_in_batch=None):
         if labels is not None and self.training:
             seen.append((int((labels[:, 1:] != -100).sum()), num_items_in_batch))
-        return original(self, input_ids, labels=labels, cache=cache, num_items_in_batch=num_items_in_batch)
+        return original(self, input_ids, labels=labels, num_items_in_batch=num_items_in_batch)
 
     monkeypatch.setattr(Transformer, "forward", spy)
     data = write_jsonl(tmp_path / "sft_data.jsonl", shipped_lines("sft_poetry.jsonl.gz", 300))
@@ -150,10 +150,10 @@ def test_grad_scaler_only_for_float16(dtype, enabled):
 
 
 def test_optimizer_groups_decay_matrices_only():
-    from train_model import make_optimizers
+    from recipes import Recipe, make_optimizers
     model = Transformer(tiny_config(300))
-    args = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1)
-    (optimizer,) = make_optimizers(model, args, torch.device("cpu"))
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
+    (optimizer,) = make_optimizers(model, args, Recipe("adamw", "cosine", 8e-3), torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW)
     by_decay = {}
     for group in optimizer.param_groups:
@@ -176,10 +176,10 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     """Muon orthogonalises 2-D updates: the attention and MLP projections. The embedding (tied to the
     output head, a lookup table rather than a linear map of the residual) and the norms stay on AdamW.
     Every parameter is in exactly one group of one optimizer."""
-    from train_model import make_optimizers
+    from recipes import Recipe, make_optimizers
     model = Transformer(tiny_config(300))
-    args = argparse.Namespace(optimizer="muon", learning_rate=1e-3, muon_learning_rate=8e-3, weight_decay=0.1)
-    muon, adamw = make_optimizers(model, args, torch.device("cpu"))
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
+    muon, adamw = make_optimizers(model, args, Recipe("muon", "wsd", 8e-3), torch.device("cpu"))
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     on_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
@@ -204,10 +204,13 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest():
     (["--lr_schedule", "cosine"], ("muon", "cosine")),
 ])
 def test_auto_recipe_is_muon_wsd_from_scratch_and_adamw_cosine_otherwise(argv, recipe):
-    from train_model import choose_recipe, parse_args
+    from recipes import choose_recipe
+    from train_model import parse_args
     args = parse_args(argv)
-    choose_recipe(args, None, None)
-    assert (args.optimizer, args.lr_schedule, args.muon_learning_rate) == (*recipe, 8e-3)
+    given = dict(vars(args))
+    chosen = choose_recipe(args)
+    assert (chosen.optimizer, chosen.lr_schedule, chosen.muon_learning_rate) == (*recipe, 8e-3)
+    assert vars(args) == given  # the arguments stay as the user gave them
 
 
 @pytest.mark.parametrize("saved,recipe", [
@@ -220,21 +223,23 @@ def test_auto_recipe_is_muon_wsd_from_scratch_and_adamw_cosine_otherwise(argv, r
     ({"learning_rate": 1e-3}, ("adamw", "cosine", 8e-3)),  # a checkpoint from before Muon and WSD existed
 ])
 def test_auto_recipe_of_a_resumed_run_is_its_checkpoints(saved, recipe):
-    from train_model import choose_recipe, parse_args
-    args = parse_args([])
-    choose_recipe(args, "out/checkpoint-2", {"args": saved})
-    assert (args.optimizer, args.lr_schedule, args.muon_learning_rate) == recipe
-    given = parse_args(["--muon_learning_rate", "5e-3", "--lr_schedule", "wsd"])
-    choose_recipe(given, "out/checkpoint-2", {"args": saved})
-    assert (given.lr_schedule, given.muon_learning_rate) == ("wsd", 5e-3)  # what is given wins
+    from recipes import choose_recipe
+    from train_model import parse_args
+    chosen = choose_recipe(parse_args([]), "out/checkpoint-2", saved)
+    assert (chosen.optimizer, chosen.lr_schedule, chosen.muon_learning_rate) == recipe
+    chosen = choose_recipe(parse_args(["--muon_learning_rate", "5e-3", "--lr_schedule", "wsd"]), "out/checkpoint-2",
+                           saved)
+    assert (chosen.lr_schedule, chosen.muon_learning_rate) == ("wsd", 5e-3)  # what is given wins
 
 
 def test_resuming_with_another_optimizer_is_refused():
-    from train_model import Fatal, choose_recipe, parse_args
+    from errors import Fatal
+    from recipes import choose_recipe
+    from train_model import parse_args
     with pytest.raises(Fatal, match="out/checkpoint-2 was trained with --optimizer adamw"):
-        choose_recipe(parse_args(["--optimizer", "muon"]), "out/checkpoint-2", {"args": {"optimizer": "adamw"}})
+        choose_recipe(parse_args(["--optimizer", "muon"]), "out/checkpoint-2", {"optimizer": "adamw"})
     with pytest.raises(Fatal, match="--fsdp"):
-        choose_recipe(parse_args(["--optimizer", "muon", "--fsdp"]), None, None)
+        choose_recipe(parse_args(["--optimizer", "muon", "--fsdp"]))
 
 
 # --- end to end: pretraining --------------------------------------------------------------------------
@@ -293,7 +298,7 @@ def test_pretrained_directory_loads_in_transformers(pretrained):
 
 
 def test_pretraining_metrics(pretrained):
-    from train_model import get_lr
+    from recipes import get_lr
     records = read_metrics(pretrained)
     logs = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -360,6 +365,7 @@ def test_training_mode_from_the_file_name(tmp_path):
 
 
 def test_sft_run_from_the_pretrained_model(pretrained, sft_file, tmp_path, monkeypatch, capsys):
+    import modes
     import train_model
     from dataset import SFTDataset
     from safetensors.torch import load_file
@@ -371,7 +377,7 @@ def test_sft_run_from_the_pretrained_model(pretrained, sft_file, tmp_path, monke
             used.append(kwargs.get("split"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train_model, "SFTDataset", RecordingSFT)
+    monkeypatch.setattr(modes, "SFTDataset", RecordingSFT)
     out = str(tmp_path / "sft_out")
     # Learning rate 0: the weights written must be exactly those --init_from loaded.
     train_model.main([*TINY_MODEL_ARGS, "--data_path", sft_file, "--init_from", pretrained, "--out_dir", out,
@@ -540,3 +546,4 @@ def test_eos_check_asks_held_out_prompts_and_counts_answers_that_end(tokenizer, 
         last_answer = messages[-1]["content"]
         assert rendered.endswith("<|im_start|>assistant\n") and last_answer not in rendered
         assert messages[0]["content"] in rendered
+
