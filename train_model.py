@@ -343,12 +343,12 @@ class Optimization:
         if finite:
             for optimizer in self.optimizers:
                 self.scaler.step(optimizer)
-            self.scaler.update()
             self.bad_steps_in_row = 0
         else:
             self.bad_steps_in_row += 1
             logger.write(f"step {step + 1}: non-finite loss {step_loss} or gradient norm {grad_norm}; "
                          "skipped the update")
+        self.scaler.update()  # after every unscale_, stepped or not: the next step's unscale_ needs it
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if self.bad_steps_in_row >= args.max_bad_steps:

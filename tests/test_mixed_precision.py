@@ -5,6 +5,7 @@ test_distributed.py; generation under autocast in test_model.py.)
 CPU autocast executes the same code as CUDA's (the loss in float32, the scaler's unscale and inf checks,
 its state in checkpoints); only the kernels differ. No GPU checks these in CI, so these tests do.
 """
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import torch
 
 import checkpoints
 import train_model
-from conftest import TINY_MODEL_ARGS, run_main
+from conftest import TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, run_main
 from forced_dtype import force
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,3 +128,18 @@ def test_dtype_auto_takes_native_bf16_else_float16(monkeypatch, major, expected)
     args = train_model.parse_args(["--device", "cuda", "--dtype", "bfloat16"])
     assert train_model.resolve_device_and_dtype(args)[1] == torch.bfloat16
 
+
+def test_float16_run_goes_on_after_a_non_finite_step(float32_run, tmp_path, monkeypatch, capsys):
+    """float16 turns the loss scaler on (on CPU too, forced here as on a T4 or V100). A step whose loss is
+    NaN is skipped and the run goes on: after the skipped step's unscale_ the scaler must be updated, or
+    the next step's unscale_ raises "unscale_() has already been called on this optimizer"."""
+    data, _ = float32_run
+    out = str(tmp_path / "fp16")
+    ForwardSpy(monkeypatch, nan_loss_at({2}))
+    train_in(torch.float16, data, out, monkeypatch)
+    assert "step 2: non-finite loss" in capsys.readouterr().out
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4] and math.isnan(got[2])
+    assert all(math.isfinite(got[step]) for step in (1, 3, 4))
+    assert not torch.equal(weights(os.path.join(out, "checkpoint-2"))["model.norm.weight"],
+                           weights(out)["model.norm.weight"])  # steps 3 and 4 trained
