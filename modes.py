@@ -72,7 +72,7 @@ class Mode:
         raise NotImplementedError
 
     def samples_per_epoch(self):
-        """Samples in one pass over the training data (an estimate): sets the schedule's length."""
+        """(samples in one pass over the training data, exact?): sets the schedule's length."""
         raise NotImplementedError
 
     def state_dict(self):
@@ -129,7 +129,7 @@ class DatasetMode(Mode):
 
     def samples_per_epoch(self):
         # Reading the first lines also checks the data file before any training.
-        return estimate_samples_per_epoch(self.train_set, report=self.run.is_main)
+        return estimate_samples_per_epoch(self.train_set, report=self.run.is_main), False
 
     def validate(self, model):
         return self.val_record(validation_sums(model, self.val_loader, self.val_sums, len(self.val_names), self.run))
@@ -190,6 +190,12 @@ class LanguageModel(DatasetMode):
             return super().make_loader(split, start_sample)
         return super().make_loader(split, start_sample,
                                    token_cache=self.args.token_cache if split == "train" else None)
+
+    def samples_per_epoch(self):
+        estimate, _ = super().samples_per_epoch()  # also checks the data
+        if self.sft or self.train_set.token_cache is None:
+            return estimate, False
+        return self.train_set.cached_blocks(), True
 
     def count(self, batch):
         tokens = int((batch["labels"][:, 1:] != -100).sum())

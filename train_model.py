@@ -68,7 +68,9 @@ def add_run_arguments(p):
     p.add_argument("--init_from", default=None, help="model directory to start from (SFT on a base model)")
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the newest in out_dir")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps; sets the LR schedule's length")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="optimizer steps; sets the LR schedule's length (default: one pass per epoch, counted "
+                        "exactly with --token_cache, else estimated from the first lines)")
     p.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch on each process")
     p.add_argument("--accumulation_steps", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -383,14 +385,21 @@ class Progress:
 
 
 def schedule_length(run, mode):
-    """max_steps: --max_steps; else a resumed run's own schedule; else --epochs passes over the data,
-    estimated from its first lines."""
-    samples = mode.samples_per_epoch()  # called in every case: it also checks the data
-    if run.args.max_steps:
-        return run.args.max_steps
+    """(max_steps, exact): --max_steps; else a resumed run's own schedule; else --epochs passes over the
+    data, counted exactly where that is cheap (the token cache) and estimated otherwise."""
+    samples, exact = mode.samples_per_epoch()  # called in every case: it also checks the data
+    args = run.args
+    if args.max_steps:
+        return args.max_steps, True
     if run.state is not None:
-        return run.state["max_steps"]
-    return math.ceil(samples * run.args.epochs / mode.samples_per_step)
+        return run.state["max_steps"], True
+    if not exact:
+        return max(1, math.ceil(samples * args.epochs / mode.samples_per_step)), False
+    # Rank r holds every world_size-th sample from the r-th, in micro-batches (the last may be partial); a
+    # step takes accumulation_steps of them on every rank, and ends the run where any rank has fewer.
+    total, world_size = samples * args.epochs, run.world_size
+    per_rank = [(total - rank + world_size - 1) // world_size for rank in range(world_size)]
+    return min(math.ceil(n / args.batch_size) // args.accumulation_steps for n in per_rank), True
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -405,6 +414,7 @@ class Training:
     optimization: Optimization
     progress: Progress
     max_steps: int
+    exact_schedule: bool  # max_steps counted, not estimated
     logger: "Logger"
     val_loss: float | None = None
     checkpoint: str | None = None  # the checkpoint written at the last step, if any
@@ -416,7 +426,7 @@ def train(args):
     with stop_requests() as stop:
         if mode.evaluate_first and progress.step == 0:
             validate(t)  # where the model starts: the held-out figure the mode improves on (DPO)
-        while progress.step < t.max_steps or args.max_steps is None:
+        while not schedule_done(t):
             # Dropout masks and sampling depend only on (seed, step, rank): a resumed run draws the same.
             torch.manual_seed(args.seed + 1_000_003 * progress.step + t.run.rank)
             step_start = time.perf_counter()
@@ -436,6 +446,10 @@ def train(args):
             if progress.step % args.eval_interval == 0:
                 validate(t)
             t.checkpoint = save(t) if args.save_interval and progress.step % args.save_interval == 0 else None
+    if progress.step < t.max_steps and not t.exact_schedule:
+        t.logger.write(f"warning: the data ended at step {progress.step}, before the end of the schedule "
+                       f"({t.max_steps} steps, estimated from the first lines): the learning rate had not "
+                       "finished its decay. Pass --max_steps, or --token_cache for an exact count")
     return finish(t)
 
 
@@ -447,14 +461,14 @@ def set_up_training(args):
     mode = MODES[run.mode](run, model, **start)
     if run.state is not None:
         mode.load_state_dict(run.state.get("mode", {}))
-    max_steps = schedule_length(run, mode)
+    max_steps, exact = schedule_length(run, mode)
     optimization = Optimization(run, parallel, max_steps)
     progress = Progress.of(run.state)
     if run.is_main:
         remove_debris(args.out_dir)
     logger = Logger(run, progress.step, max_steps, model, mode.stat_names)
     logger.write(start_up_line(run, model, mode, max_steps, progress.step))
-    return Training(run, model, parallel, mode, optimization, progress, max_steps, logger)
+    return Training(run, model, parallel, mode, optimization, progress, max_steps, exact, logger)
 
 
 def start_up_line(run, model, mode, max_steps, start_step):
@@ -464,6 +478,21 @@ def start_up_line(run, model, mode, max_steps, start_step):
             f"{run.dtype}, {mode.samples_per_step} samples x {run.args.max_seq_len} tokens per step, "
             f"{max_steps} steps, {recipe_summary(run.recipe, run.args.learning_rate)}"
             + (f", resumed at step {start_step}" if start_step else ""))
+
+
+def schedule_done(t):
+    """Whether the run stops before its next step: at --max_steps; or, without it, past the end of the
+    schedule under WSD, whose learning rate is 0 there (cosine goes on at its floor until the data ends)."""
+    if t.progress.step < t.max_steps:
+        return False
+    if t.run.args.max_steps is not None or t.exact_schedule and t.run.state is None:
+        return True
+    if t.progress.step == t.max_steps:
+        what = "stopping: WSD's learning rate is 0 from here" if t.run.recipe.lr_schedule == "wsd" else \
+            "going on at the schedule's floor learning rate until the data ends"
+        t.logger.write(f"warning: the data outlasts the schedule's {t.max_steps} steps; {what}. "
+                       "Pass --max_steps, or --token_cache for an exact count")
+    return t.run.recipe.lr_schedule == "wsd"
 
 
 @contextlib.contextmanager

@@ -547,3 +547,55 @@ def test_eos_check_asks_held_out_prompts_and_counts_answers_that_end(tokenizer, 
         assert rendered.endswith("<|im_start|>assistant\n") and last_answer not in rendered
         assert messages[0]["content"] in rendered
 
+
+# --- the schedule's length without --max_steps ------------------------------------------------------------
+
+def run_to_the_end_of_the_data(tmp_path, monkeypatch, estimated_samples, *extra):
+    """A pretraining run without --max_steps on 60 shipped documents, the data's length estimated as
+    `estimated_samples` blocks (None: the real estimate): (metrics, console output)."""
+    import modes
+    import train_model
+    if estimated_samples is not None:
+        monkeypatch.setattr(modes, "estimate_samples_per_epoch", lambda dataset, report: estimated_samples)
+    data = write_jsonl(tmp_path / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 60))
+    out = str(tmp_path / "out")
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--batch_size", "4",
+                      "--warmup_iters", "2", "--log_interval", "1", "--eval_interval", "1000", "--eval_batches", "1",
+                      "--save_interval", "0", *extra])
+    return [r for r in read_metrics(out) if "loss" in r]
+
+
+def blocks_in(tmp_path, tokenizer):
+    """The training blocks of 64 tokens in the 60 documents, counted by reading them all."""
+    from dataset import PretrainDataset
+    return sum(1 for _ in PretrainDataset(str(tmp_path / "pretrain.jsonl"), tokenizer, 64))
+
+
+def test_the_token_cache_counts_the_steps_exactly_and_the_cool_down_ends_with_the_data(tmp_path, monkeypatch,
+                                                                                        capsys, tokenizer):
+    steps = run_to_the_end_of_the_data(tmp_path, monkeypatch, 1_000_000, "--token_cache", str(tmp_path / "c.bin"))
+    assert len(steps) == math.ceil(blocks_in(tmp_path, tokenizer) / 4)  # not the estimate: a million blocks
+    printed = capsys.readouterr().out
+    assert f"{len(steps)} steps, Muon" in printed and "warning" not in printed
+    assert 0 < steps[-1]["lr"] < steps[-2]["lr"] < steps[len(steps) // 2]["lr"]  # cooled down to the last step
+
+
+def test_a_wsd_run_stops_where_an_estimated_schedule_ends_and_says_so(tmp_path, monkeypatch, capsys, tokenizer):
+    steps = run_to_the_end_of_the_data(tmp_path, monkeypatch, 12)  # 3 steps, fewer than the data has
+    assert blocks_in(tmp_path, tokenizer) > 4 * 3
+    assert [r["step"] for r in steps] == [1, 2, 3] and steps[-1]["lr"] > 0
+    assert "the data outlasts the schedule's 3 steps; stopping: WSD's learning rate is 0" in capsys.readouterr().out
+
+
+def test_a_cosine_run_goes_on_past_an_estimated_schedule_at_its_floor(tmp_path, monkeypatch, capsys, tokenizer):
+    steps = run_to_the_end_of_the_data(tmp_path, monkeypatch, 12, "--optimizer", "adamw", "--lr_schedule", "cosine")
+    assert len(steps) == math.ceil(blocks_in(tmp_path, tokenizer) / 4) > 3
+    assert all(r["lr"] == pytest.approx(3e-5) for r in steps[3:])  # a tenth of the peak
+    assert "going on at the schedule's floor learning rate" in capsys.readouterr().out
+
+
+def test_a_run_whose_data_ends_before_an_estimated_schedule_says_so(tmp_path, monkeypatch, capsys, tokenizer):
+    steps = run_to_the_end_of_the_data(tmp_path, monkeypatch, 4000)  # 1000 steps
+    assert len(steps) == math.ceil(blocks_in(tmp_path, tokenizer) / 4)
+    assert f"the data ended at step {len(steps)}, before the end of the schedule (1000 steps" in \
+        capsys.readouterr().out
