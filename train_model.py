@@ -440,8 +440,6 @@ def train(args):
             progress.step += 1
             progress.samples_seen += mode.samples_per_step
             progress.tokens_seen += tokens
-            if result.loss is None:
-                continue
             t.logger.step_done(progress, result, time.perf_counter() - step_start)
             if progress.step % args.eval_interval == 0:
                 validate(t)

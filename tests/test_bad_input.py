@@ -266,23 +266,43 @@ def test_long_sft_conversation_is_truncated_and_trains(tmp_path, tokenizer, capf
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
 
 
+def long_prompt_run(tmp_path, tokenizer):
+    """SFT data where some step has nothing to learn: 8 prompts longer than max_seq_len (no assistant token
+    left) in a row. (path, that step's number)."""
+    from dataset import SFTDataset
+    from train_model import parse_args
+    long_prompt = {"messages": [{"role": "user", "content": "🙂" * 15}, {"role": "assistant", "content": "好"}]}
+    records = insert_at(shipped_lines("sft_poetry.jsonl.gz", 250), {10 + i: long_prompt for i in range(8)})
+    path = write_jsonl(tmp_path / "sft_long_prompt.jsonl", records)
+    seed = parse_args([]).seed  # the run's, which orders its batches
+    labels = [s["labels"] for s in SFTDataset(path, tokenizer, 64, batch_size=4, seed=seed)]
+    masked_batches = [b for b in range(len(labels) // 4)
+                      if all((labels[i] == -100).all() for i in range(4 * b, 4 * b + 4))]
+    assert masked_batches, "test set-up: no batch without assistant tokens"
+    return path, masked_batches[0] + 1
+
+
 def test_conversation_whose_answer_is_cut_off_is_not_a_non_finite_step(tmp_path, tokenizer, capfd):
     """A prompt longer than max_seq_len leaves no assistant token to learn. A batch of such samples has
     nothing to learn; it must not be reported as a non-finite loss (which counts toward --max_bad_steps
     and tells the user to lower the learning rate)."""
-    from dataset import SFTDataset
-    long_prompt = {"messages": [{"role": "user", "content": "🙂" * 15}, {"role": "assistant", "content": "好"}]}
-    records = insert_at(shipped_lines("sft_poetry.jsonl.gz", 250), {10 + i: long_prompt for i in range(8)})
-    path = write_jsonl(tmp_path / "sft_long_prompt.jsonl", records)
-    labels = [s["labels"] for s in SFTDataset(path, tokenizer, 64, batch_size=4)]
-    masked_batches = [b for b in range(len(labels) // 4)
-                      if all((labels[i] == -100).all() for i in range(4 * b, 4 * b + 4))]
-    assert masked_batches, "test set-up: no batch without assistant tokens"
-    steps = masked_batches[0] + 1
-    assert run_main(train_argv(path, tmp_path / "out", "--max_steps", steps)) is None
+    path, step = long_prompt_run(tmp_path, tokenizer)
+    assert run_main(train_argv(path, tmp_path / "out", "--max_steps", step)) is None
     printed = capfd.readouterr()
     assert "non-finite" not in printed.out + printed.err, \
-        f"step {steps} (no assistant token within --max_seq_len) is reported as non-finite"
+        f"step {step} (no assistant token within --max_seq_len) is reported as non-finite"
+
+
+def test_a_step_with_nothing_to_learn_still_logs_evaluates_and_saves_when_due(tmp_path, tokenizer):
+    path, step = long_prompt_run(tmp_path, tokenizer)
+    out = tmp_path / "out"
+    assert run_main(train_argv(path, out, "--max_steps", step + 1, "--log_interval", step,
+                               "--eval_interval", step, "--save_interval", step)) is None
+    with open(out / "metrics.jsonl") as f:
+        at_step = [json.loads(line) for line in f if json.loads(line)["step"] == step]
+    assert any("val_loss" in r for r in at_step), at_step
+    assert any("tokens_per_sec" in r and "loss" not in r for r in at_step), at_step  # no loss: nothing trained
+    assert (out / f"checkpoint-{step}" / "training_state.pt").is_file()
 
 
 # --- up-front checks: one line, before any work ------------------------------------------------------
