@@ -52,8 +52,8 @@ class Logger:
         if progress.step % self.run.args.log_interval and progress.step != self.max_steps:
             return
         tokens_per_sec = self.interval_tokens / self.interval_seconds
-        # MFU counts all positions (padding too): it measures the hardware, not the data.
-        mfu = self.flops_per_token * tokens_per_sec / world_size / self.peak_flops
+        # MFU counts every position the model ran (padding too): it measures the hardware, not the data.
+        mfu = self.flops_per_token * self.interval_positions / self.interval_seconds / world_size / self.peak_flops
         record = {"step": progress.step}
         if result.loss is not None:  # None: a step with nothing to learn from, skipped
             record.update(loss=round(result.loss, 6), lr=result.lr)

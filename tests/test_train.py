@@ -599,3 +599,22 @@ def test_a_run_whose_data_ends_before_an_estimated_schedule_says_so(tmp_path, mo
     assert len(steps) == math.ceil(blocks_in(tmp_path, tokenizer) / 4)
     assert f"the data ended at step {len(steps)}, before the end of the schedule (1000 steps" in \
         capsys.readouterr().out
+
+
+def test_mfu_counts_every_position_the_model_ran(tmp_path, monkeypatch, tokenizer):
+    """MFU measures the hardware: the FLOPs of every position the model ran (a block of 64 positions has 63
+    labelled tokens), over the device's matmul peak, replaced here by the model's FLOPs per token so that
+    MFU reads as positions per second."""
+    import logger
+    import train_model
+    flops_per_token = Transformer(tiny_config(len(tokenizer), max_seq_len=64)).flops_per_token(64)
+    monkeypatch.setattr(logger, "measure_matmul_flops", lambda device, dtype: flops_per_token)
+    data = write_jsonl(tmp_path / "pretrain.jsonl", shipped_lines("pretrain_poetry.jsonl.gz", 60))
+    out = str(tmp_path / "out")
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", data, "--out_dir", out, "--batch_size", "4",
+                      "--max_steps", "3", "--log_interval", "1", "--eval_interval", "1000", "--eval_batches", "1",
+                      "--save_interval", "0"])
+    logged = [r for r in read_metrics(out) if "loss" in r]
+    assert len(logged) == 3
+    for r in logged:
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * 64 / 63, rel=1e-3)
