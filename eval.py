@@ -85,8 +85,24 @@ def make_lm(model_dir, device, batch_size):
         raise EvalError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
-    return HFLM(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                prefix_token_id=end_of_text)
+    lm_class = HFLM if sys.stderr.isatty() else quiet(HFLM)
+    return lm_class(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
+                    prefix_token_id=end_of_text)
+
+
+def quiet(lm_class):
+    """lm_class without progress bars: in a log file (`bash train.sh > log 2>&1`) each redraw is a line.
+    lm-eval's requests show theirs whatever TQDM_DISABLE says, unless asked with disable_tqdm."""
+    class Quiet(lm_class):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=True)
+    return Quiet
 
 
 def data_task(path):
@@ -196,6 +212,8 @@ def format_table(rows):
 def main(argv=None):
     args = parse_args(argv)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-request notes drown the table
+    if not sys.stderr.isatty():
+        os.environ["TQDM_DISABLE"] = "1"  # the other progress bars (transformers loading the weights)
     tasks = args.tasks.split(",") if args.tasks is not None else ([] if args.data_path else [SUITE])
     go_offline_unless_hub_reachable(tasks)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit

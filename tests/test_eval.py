@@ -237,3 +237,15 @@ def test_task_whose_dataset_is_not_cached_with_no_network(tmp_path, model_dir):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "not in the Hugging Face cache" in last
+
+
+def test_a_log_file_gets_the_table_without_progress_bars(tmp_path, model_dir):
+    """`bash train.sh > log 2>&1`: each redraw of a progress bar would be a line of the log."""
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--model", model_dir, "--tasks",
+                               "poetry_author,poetry_author_chat", "--limit", "4", "--device", "cpu"],
+                              stdout=log, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV, timeout=600)
+    printed = (tmp_path / "log").read_text()
+    assert done.returncode == 0, printed[-3000:]
+    assert "poetry_author_chat" in printed and "exact_match" in printed
+    assert "it/s]" not in printed and "%|" not in printed, printed[:2000]
