@@ -30,8 +30,17 @@ class BadLine(ValueError):
 def parse_text(record):
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise BadLine("no non-empty string field 'text'")
+        raise BadLine("no non-empty string field 'text'" + mode_hint(record))
     return text
+
+
+def mode_hint(record):
+    """What a row that is not pretraining text is, for --mode auto's users: it chose from the file's name."""
+    if "messages" in record or "conversations" in record:
+        return " (a conversation: pass --mode sft)"
+    if "chosen" in record and "rejected" in record:
+        return " (a preference pair: pass --mode dpo)"
+    return ""
 
 
 def parse_conversation(record):

@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, TOKENIZER_DIR, run_main, shipped_lines,
-                      tiny_config, write_jsonl)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, TOKENIZER_DIR, preference_pairs, run_main,
+                      shipped_lines, tiny_config, write_jsonl)
 
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--save_interval", "0"]
@@ -155,6 +155,15 @@ def test_file_without_a_valid_line_stops_with_one_line(kind, tmp_path, capfd):
     path = write_jsonl(tmp_path / f"{kind}_bad.jsonl", list(bad.values()) * 3)
     code = run_main(train_argv(path, tmp_path / "out", "--max_steps", "1", "--mode", kind))
     assert_one_line_error(code, capfd, path, "no valid")
+
+
+@pytest.mark.parametrize("name,mode", [("chat.jsonl", "sft"), ("pairs.jsonl", "dpo")])
+def test_conversations_in_a_file_whose_name_does_not_say_so_ask_for_the_mode(name, mode, tmp_path, capfd):
+    """--mode auto reads a file named neither *sft* nor *dpo* as pretraining text; its rows say what they are."""
+    rows = shipped_lines("sft_poetry.jsonl.gz", 50) if mode == "sft" else preference_pairs(50)
+    path = write_jsonl(tmp_path / name, rows)
+    code = run_main(train_argv(path, tmp_path / "out", "--max_steps", "1"))
+    assert_one_line_error(code, capfd, path, f"pass --mode {mode}")
 
 
 def test_too_many_bad_lines_stop_the_run_unless_allowed(tmp_path, capfd):
