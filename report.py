@@ -19,10 +19,6 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-TRAIN_KEYS = ("loss", "lr", "tokens_per_sec")
-VAL_KEYS = ("val_loss", "val_bpb")
-
-
 def load_run(run_dir):
     """{"name", "train": [records], "val": [records], "eval": eval.json or None} of a run directory."""
     path = os.path.join(run_dir, "metrics.jsonl")

@@ -78,7 +78,8 @@ def add_run_arguments(p):
                    help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337,
+                   help="the model's initialisation, dropout, and the order in which the data is shuffled")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader worker processes; also the processes that build --token_cache (at least 1)")
     p.add_argument("--token_cache", default=None, metavar="PATH",
