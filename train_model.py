@@ -36,6 +36,7 @@ from checkpoints import (checkpoint_to_resume, load_optimizer_state, model_weigh
                          save_atomically, save_checkpoint, save_final_model, write_model_dir)
 from corpus import DataError, data_files
 from errors import Fatal, Stopped
+from hardware import choose_dtype, emulated
 from logger import Logger
 from lora import ADAPTER_DIR, LORA_TARGETS, add_lora, load_adapter, lora_target_names, write_adapter_dir
 from model import ModelConfig, Transformer
@@ -75,7 +76,8 @@ def add_run_arguments(p):
     p.add_argument("--accumulation_steps", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
+                   help="mixed precision (autocast; weights and checkpoints stay float32). auto: bfloat16 where "
+                        "the GPU or CPU has bf16 units (GPUs without: float16 with loss scaling), else float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model with FSDP2")
     p.add_argument("--seed", type=int, default=1337,
@@ -196,6 +198,7 @@ class Run:
     recipe: Recipe
     device: torch.device
     dtype: torch.dtype
+    dtype_why: str  # how --dtype was resolved, for the start-up line
     rank: int
     world_size: int
     tokenizer: object
@@ -216,7 +219,7 @@ def start_run(args):
     """Check the arguments, find the device, the processes and the checkpoint to resume, choose the recipe."""
     mode = training_mode(args)
     check_arguments(args, mode)
-    device, dtype = resolve_device_and_dtype(args)
+    device, dtype, dtype_why = resolve_device_and_dtype(args)
     rank, world_size, device = setup_distributed(device)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)  # the datasets check its chat template
@@ -225,7 +228,7 @@ def start_run(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Run(args, mode, recipe, device, dtype, rank, world_size, tokenizer, resume_dir, state)
+    return Run(args, mode, recipe, device, dtype, dtype_why, rank, world_size, tokenizer, resume_dir, state)
 
 
 def setup_distributed(device):
@@ -241,6 +244,8 @@ def setup_distributed(device):
 
 
 def resolve_device_and_dtype(args):
+    """(device, dtype, why): the device asked for, checked, and the dtype hardware.choose_dtype picks
+    for training there, with the reason in words for the start-up line."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -249,17 +254,11 @@ def resolve_device_and_dtype(args):
         raise Fatal(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise Fatal(f"--device {args.device}: only cpu and cuda are supported")
-    dtype = args.dtype
-    if device.type == "cpu":
-        if dtype in ("bfloat16", "float16") and os.environ.get("RANK", "0") == "0":
-            print(f"warning: --dtype {dtype} on CPU is slow (no half-precision units); training in float32",
-                  file=sys.stderr)
-        dtype = "float32"
-    elif dtype == "auto":
-        # Native bf16 only (Ampere and later). By default torch also counts bf16 that pre-Ampere GPUs
-        # (T4, V100) emulate, slowly; there float16 with loss scaling is the fast choice.
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    return device, getattr(torch, dtype)
+    dtype, why = choose_dtype(device, args.dtype)
+    if emulated(device, dtype) and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --dtype {args.dtype}: this {emulated(device, dtype)} emulates it, several times slower "
+              "than float32", file=sys.stderr)
+    return device, dtype, why
 
 
 def build_model(args, tokenizer, resume_dir):
@@ -474,8 +473,8 @@ def start_up_line(run, model, mode, max_steps, start_step):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"{run.mode}: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained "
             f"({trainable / model.num_params():.1%}), {run.world_size} process(es) on {run.device.type}, "
-            f"{run.dtype}, {mode.samples_per_step} samples x {run.args.max_seq_len} tokens per step, "
-            f"{max_steps} steps, {recipe_summary(run.recipe, run.args.learning_rate)}"
+            f"{run.dtype} ({run.dtype_why}), {mode.samples_per_step} samples x {run.args.max_seq_len} tokens per "
+            f"step, {max_steps} steps, {recipe_summary(run.recipe, run.args.learning_rate)}"
             + (f", resumed at step {start_step}" if start_step else ""))
 
 

@@ -3,7 +3,7 @@
 N ranks with batch b must train exactly like one process with batch N*b: same losses, same weights, same
 validation loss; gradient sync only on the last micro-batch of a step; only rank 0 writes; a checkpoint
 resumes on another number of ranks; FSDP2 (--fsdp) trains like DDP and saves a loadable model, also with
-bf16 parameters as on a GPU (forced_dtype.py runs CPU autocast where a GPU run would use bf16).
+bf16 parameters as on a GPU (--dtype bfloat16 runs CPU autocast, as a GPU run would).
 
 Every run trains the TINY_MODEL_ARGS model for a handful of steps. The runs are launched once per module
 (only those the selected tests need), several at a time, and the tests read their out_dirs and logs.
@@ -30,7 +30,6 @@ from conftest import REPO, TINY_MODEL_ARGS, preference_pairs, shipped_lines, wri
 
 TRAIN = os.path.join(REPO, "train_model.py")
 PROBE = os.path.join(REPO, "tests", "ddp_probe.py")
-BF16 = os.path.join(REPO, "tests", "forced_dtype.py")  # trains in bf16 autocast on CPU, as on a GPU
 TOL = 1e-5
 # The learning rate is large enough that each step moves every weight by about 1e-3, a hundred times the
 # tolerance (and small enough that Adam's sign-like first steps do not amplify float32 rounding past it).
@@ -67,10 +66,10 @@ RUNS = {
     "muon_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--optimizer", "muon",
                                "--muon_learning_rate", "1e-3"], TRAIN, None),
     # FSDP2's bf16 parameters (MixedPrecisionPolicy) against DDP under bf16 autocast, as a GPU run trains.
-    "ddp_bf16_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2"],
-                   BF16, None),
+    "ddp_bf16_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2",
+                                   "--dtype", "bfloat16"], TRAIN, None),
     "fsdp_bf16_2": (2, "pretrain", ["--batch_size", "2", "--accumulation_steps", "2", "--save_interval", "2",
-                                    "--fsdp"], BF16, None),
+                                    "--fsdp", "--dtype", "bfloat16"], TRAIN, None),
     "sftacc_1": (1, "sft", ["--mode", "sft", "--batch_size", "4", "--accumulation_steps", "2"],
                  TRAIN, None),
     "sftacc_2": (2, "sft", ["--mode", "sft", "--batch_size", "2", "--accumulation_steps", "2"],
@@ -317,8 +316,6 @@ def runs(request, tmp_path_factory, base_model):
         if script == PROBE:
             os.makedirs(base / "probe_results")
             argv = [str(base / "probe_results"), *argv]
-        elif script == BF16:
-            argv = ["bfloat16", *argv]
         return launch(name, nproc, argv, script, out_dir, str(base / "logs" / name),
                       sigterm_rank=SIGTERM_RANK.get(name))
 

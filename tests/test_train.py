@@ -403,31 +403,28 @@ def test_sft_without_init_from_warns(sft_file, tmp_path, capsys):
     assert "randomly initialised" in capsys.readouterr().err
 
 
-def test_bfloat16_on_cpu_warns_and_trains_in_float32(pretrain_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("units,dtype,why", [("AMX", "bfloat16", "auto: the CPU has AMX bf16 units"),
+                                             (None, "float32", "auto: the CPU has no bf16 units")])
+def test_dtype_auto_on_cpu_trains_in_what_the_start_up_line_says(units, dtype, why, pretrain_file, tmp_path,
+                                                                  monkeypatch, capsys):
+    """--dtype auto on a CPU with bf16 units trains under bf16 autocast (without: float32, no autocast),
+    and the start-up line says which and why. The runs are real: a CPU without the units emulates bf16."""
+    import hardware
     import train_model
-    dtypes = []
-    original = train_model.make_grad_scaler
-
-    def spy(device, dtype):
-        dtypes.append(dtype)
-        return original(device, dtype)
-
-    monkeypatch.setattr(train_model, "make_grad_scaler", spy)
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
     autocasts = []
     real_autocast = torch.autocast
 
     def autocast_spy(*args, **kwargs):
-        autocasts.append((args, kwargs))
+        autocasts.append(kwargs.get("dtype"))
         return real_autocast(*args, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", autocast_spy)
-    out = str(tmp_path / "bf16")
+    out = str(tmp_path / "out")
     train_model.main([*TINY_MODEL_ARGS, "--data_path", pretrain_file, "--out_dir", out, "--max_steps", "2",
-                      "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0", "--dtype", "bfloat16"])
-    err = capsys.readouterr().err
-    assert "warning" in err and "bfloat16" in err and "float32" in err
-    assert dtypes == [torch.float32]
-    assert autocasts == []  # no mixed precision at all
+                      "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0"])
+    assert f"torch.{dtype} ({why})" in capsys.readouterr().out
+    assert autocasts == ([torch.bfloat16] if units else [])
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
 
 
