@@ -147,9 +147,34 @@ class Sequence:
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
 
+    def usage(self):
+        prompt_tokens = len(self.prompt_ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.generated,
+                "total_tokens": prompt_tokens + self.generated}
+
+
+def sample_tokens(sequences, logits):
+    """The next token of each sequence (row of logits). Rows that sample alike (same settings, no seed
+    of their own) are sampled in one call; a seeded request draws from its own generator."""
+    tokens = [None] * len(sequences)
+    groups = {}
+    for row, s in enumerate(sequences):
+        key = (s.temperature, s.top_k, s.top_p) if s.generator is None else ("seeded", row)
+        groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+        s = sequences[rows[0]]
+        picked = sample_next_token(logits[rows], s.temperature, s.top_k, s.top_p, s.generator)
+        for row, token in zip(rows, picked.tolist()):
+            tokens[row] = token
+    return tokens
+
 
 class Scheduler:
-    """Owns the model and decodes the running sequences together, one token each per step."""
+    """Owns the model and decodes the running sequences together, one token each per step.
+
+    Row i of the cache holds self.rows[i], whose next input token is self.next_ids[i]. A sequence comes in
+    through submit, takes a row in _admit (unless its first token ends it), gets a token per step and
+    leaves through _drop; _finish and _fail tell its handler how it ended."""
 
     def __init__(self, model, tokenizer, stop_ids, max_batch_size, compile=False):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
@@ -179,12 +204,7 @@ class Scheduler:
     def iterate(self, block=False):
         """Admit waiting requests into the free rows, then decode one token for every row. block: when no
         row is running, sleep until a request comes."""
-        arrived = []
-        try:
-            while len(self.rows) + len(arrived) < self.max_batch_size:
-                arrived.append(self.waiting.get(block=block and not self.rows and not arrived))
-        except queue.Empty:
-            pass
+        arrived = self._arrivals(block)
         if arrived:
             self._admit(arrived)
         try:
@@ -193,24 +213,28 @@ class Scheduler:
         except Exception:  # a bug must not take the server down with it: fail these requests
             self._fail(list(self.rows))
 
+    def _arrivals(self, block):
+        """The waiting requests that fit in the free rows (block: wait for one if nothing else would run)."""
+        arrived = []
+        try:
+            while len(self.rows) + len(arrived) < self.max_batch_size:
+                arrived.append(self.waiting.get(block=block and not self.rows and not arrived))
+        except queue.Empty:
+            pass
+        return arrived
+
+    # --- admitting requests: a batched prefill -------------------------------------------------
+
     def _admit(self, sequences):
-        """Prefill the new requests' prompts together (right-padded, one forward pass) and give a row to
-        each that does not end at its first token. If that fails, each is tried alone, so that one bad
-        request fails on its own."""
+        """Prefill the new requests' prompts together and give a row to each that does not end at its
+        first token. If that fails, each is tried alone, so that one bad request fails on its own."""
         for sequence in [s for s in sequences if s.cancelled]:
             self._finish(sequence, "cancelled")
         sequences = [s for s in sequences if not s.cancelled]
         if not sequences:
             return
         try:
-            lengths = [len(s.prompt_ids) for s in sequences]
-            prompts = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=self.device)
-            for row, sequence in enumerate(sequences):
-                prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
-                sequence.output = TextOutput(self.tokenizer, sequence.stop)
-            cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
-            logits = self.model.decode(prompts, cache, torch.tensor(lengths, device=self.device)).float()
-            tokens = self._sample(sequences, logits)
+            cache, tokens = self._prefill(sequences)
         except Exception:
             if len(sequences) > 1:
                 for sequence in sequences:
@@ -224,6 +248,20 @@ class Scheduler:
                 self.rows.append(sequence)
                 self.next_ids.append(token)
 
+    def _prefill(self, sequences):
+        """Run the prompts in one forward pass (right-padded) into a cache of their own: that cache, and
+        each sequence's first token."""
+        lengths = [len(s.prompt_ids) for s in sequences]
+        prompts = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=self.device)
+        for row, sequence in enumerate(sequences):
+            prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+            sequence.output = TextOutput(self.tokenizer, sequence.stop)
+        cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
+        logits = self.model.decode(prompts, cache, torch.tensor(lengths, device=self.device)).float()
+        return cache, sample_tokens(sequences, logits)
+
+    # --- one decoding step, and the text each token completes ----------------------------------
+
     def step(self):
         """One token for every running sequence; those that end, or whose client left, give up their row."""
         self._drop([i for i, s in enumerate(self.rows) if s.cancelled], "cancelled")
@@ -232,25 +270,9 @@ class Scheduler:
         n = len(self.rows)
         input_ids = torch.tensor(self.next_ids, dtype=torch.long, device=self.device)[:, None]
         logits = self.decode_step(input_ids, self.cache.first_rows(n)).float()
-        self.next_ids = self._sample(self.rows, logits)
+        self.next_ids = sample_tokens(self.rows, logits)
         self._drop([i for i, (sequence, token) in enumerate(zip(self.rows, self.next_ids))
                     if self._emit(sequence, token)], None)
-
-    @staticmethod
-    def _sample(sequences, logits):
-        """The next token of each sequence (row of logits). Rows that sample alike (same settings, no seed
-        of their own) are sampled in one call; a seeded request draws from its own generator."""
-        tokens = [None] * len(sequences)
-        groups = {}
-        for row, s in enumerate(sequences):
-            key = (s.temperature, s.top_k, s.top_p) if s.generator is None else ("seeded", row)
-            groups.setdefault(key, []).append(row)
-        for rows in groups.values():
-            s = sequences[rows[0]]
-            picked = sample_next_token(logits[rows], s.temperature, s.top_k, s.top_p, s.generator)
-            for row, token in zip(rows, picked.tolist()):
-                tokens[row] = token
-        return tokens
 
     def _emit(self, sequence, token):
         """Send the text `token` completes; True when the sequence has ended (its end event is posted)."""
@@ -266,15 +288,19 @@ class Scheduler:
             return True
         return False
 
+    # --- finishing and dropping rows -----------------------------------------------------------
+
     def _finish(self, sequence, reason):
+        """Count how the sequence ended and tell its handler: the text held back and the end event (stop,
+        length) or the error event; a cancelled sequence's handler is gone."""
         self.finished[reason] += 1
-        if reason in ("stop", "length"):
+        if reason == "error":
+            sequence.post("error", "the server failed while generating; see its log")
+        elif reason != "cancelled":
             rest = sequence.output.rest()
             if rest:
                 sequence.post("text", rest)
-            prompt_tokens = len(sequence.prompt_ids)
-            sequence.post("end", reason, {"prompt_tokens": prompt_tokens, "completion_tokens": sequence.generated,
-                                          "total_tokens": prompt_tokens + sequence.generated})
+            sequence.post("end", reason, sequence.usage())
 
     def _drop(self, indices, reason):
         """Free these rows; the last row moves into each gap, so the rows in use stay the first ones."""
@@ -292,8 +318,7 @@ class Scheduler:
         """End these sequences with an error (the traceback goes to the log); the others run on."""
         traceback.print_exc()
         for sequence in sequences:
-            self.finished["error"] += 1
-            sequence.post("error", "the server failed while generating; see its log")
+            self._finish(sequence, "error")
         kept = [i for i, s in enumerate(self.rows) if s not in sequences]
         self.rows, self.next_ids = [self.rows[i] for i in kept], [self.next_ids[i] for i in kept]
 
