@@ -16,9 +16,10 @@ queue. Between two decoding steps the scheduler takes the requests that came mea
 prompts together (right-padded, one forward pass) into a cache of their own, samples each first token and
 copies each prompt's keys and values into a free row of the batch's KVCache. Then one forward pass decodes
 every row, each sequence at its own position: continuous batching, as vLLM and TGI do it. Rows that
-sample alike are sampled in one call (a short answer is a few tokens: per-row work adds up). A request never waits for another to
-finish, only for a free row when --max_batch_size rows are taken. A finished or abandoned request frees
-its row at once (the last row moves into the gap, so the rows in use are always the first ones).
+sample alike are sampled in one call (a short answer is a few tokens: per-row work adds up). A request
+never waits for another to finish, only for a free row when --max_batch_size rows are taken. A finished
+or abandoned request frees its row at once (the last row moves into the gap, so the rows in use are
+always the first ones).
 
 Trade-offs: each row reserves max_seq_len positions up front (no paged memory: simple, and small models
 have short contexts); a long prompt's prefill delays the running rows by one forward pass (no chunked
@@ -53,6 +54,12 @@ from model import KVCache, sample_next_token
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
 MAX_STOP_STRINGS = 4  # as OpenAI
+
+# A request's way through this file: chat_prompt_ids or completion_prompt_ids (the request -> prompt ids),
+# answer_max_tokens and sequence_for (-> the scheduler's Sequence), Scheduler (tokens -> text events, each
+# answer's text cut at its stop strings by TextOutput), respond (events -> one JSON object, whole_response,
+# or server-sent events, event_stream), with ChatAnswer or CompletionAnswer putting the generated text into
+# the endpoint's shapes. Errors of every kind are APIErrors, answered as OpenAI does.
 
 
 # --- turning tokens into text ------------------------------------------------------------------
