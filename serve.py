@@ -16,9 +16,10 @@ queue. Between two decoding steps the scheduler takes the requests that came mea
 prompts together (right-padded, one forward pass) into a cache of their own, samples each first token and
 copies each prompt's keys and values into a free row of the batch's KVCache. Then one forward pass decodes
 every row, each sequence at its own position: continuous batching, as vLLM and TGI do it. Rows that
-sample alike are sampled in one call (a short answer is a few tokens: per-row work adds up). A request never waits for another to
-finish, only for a free row when --max_batch_size rows are taken. A finished or abandoned request frees
-its row at once (the last row moves into the gap, so the rows in use are always the first ones).
+sample alike are sampled in one call (a short answer is a few tokens: per-row work adds up). A request
+never waits for another to finish, only for a free row when --max_batch_size rows are taken. A finished
+or abandoned request frees its row at once (the last row moves into the gap, so the rows in use are
+always the first ones).
 
 Trade-offs: each row reserves max_seq_len positions up front (no paged memory: simple, and small models
 have short contexts); a long prompt's prefill delays the running rows by one forward pass (no chunked
@@ -53,6 +54,12 @@ from model import KVCache, sample_next_token
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
 MAX_STOP_STRINGS = 4  # as OpenAI
+
+# A request's way through this file: chat_prompt_ids or completion_prompt_ids (the request -> prompt ids),
+# answer_max_tokens and sequence_for (-> the scheduler's Sequence), Scheduler (tokens -> text events, each
+# answer's text cut at its stop strings by TextOutput), respond (events -> one JSON object, whole_response,
+# or server-sent events, event_stream), with ChatAnswer or CompletionAnswer putting the generated text into
+# the endpoint's shapes. Errors of every kind are APIErrors, answered as OpenAI does.
 
 
 # --- turning tokens into text ------------------------------------------------------------------
@@ -147,9 +154,34 @@ class Sequence:
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
 
+    def usage(self):
+        prompt_tokens = len(self.prompt_ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.generated,
+                "total_tokens": prompt_tokens + self.generated}
+
+
+def sample_tokens(sequences, logits):
+    """The next token of each sequence (row of logits). Rows that sample alike (same settings, no seed
+    of their own) are sampled in one call; a seeded request draws from its own generator."""
+    tokens = [None] * len(sequences)
+    groups = {}
+    for row, s in enumerate(sequences):
+        key = (s.temperature, s.top_k, s.top_p) if s.generator is None else ("seeded", row)
+        groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+        s = sequences[rows[0]]
+        picked = sample_next_token(logits[rows], s.temperature, s.top_k, s.top_p, s.generator)
+        for row, token in zip(rows, picked.tolist()):
+            tokens[row] = token
+    return tokens
+
 
 class Scheduler:
-    """Owns the model and decodes the running sequences together, one token each per step."""
+    """Owns the model and decodes the running sequences together, one token each per step.
+
+    Row i of the cache holds self.rows[i], whose next input token is self.next_ids[i]. A sequence comes in
+    through submit, takes a row in _admit (unless its first token ends it), gets a token per step and
+    leaves through _drop; _finish and _fail tell its handler how it ended."""
 
     def __init__(self, model, tokenizer, stop_ids, max_batch_size, compile=False):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
@@ -179,12 +211,7 @@ class Scheduler:
     def iterate(self, block=False):
         """Admit waiting requests into the free rows, then decode one token for every row. block: when no
         row is running, sleep until a request comes."""
-        arrived = []
-        try:
-            while len(self.rows) + len(arrived) < self.max_batch_size:
-                arrived.append(self.waiting.get(block=block and not self.rows and not arrived))
-        except queue.Empty:
-            pass
+        arrived = self._arrivals(block)
         if arrived:
             self._admit(arrived)
         try:
@@ -193,24 +220,28 @@ class Scheduler:
         except Exception:  # a bug must not take the server down with it: fail these requests
             self._fail(list(self.rows))
 
+    def _arrivals(self, block):
+        """The waiting requests that fit in the free rows (block: wait for one if nothing else would run)."""
+        arrived = []
+        try:
+            while len(self.rows) + len(arrived) < self.max_batch_size:
+                arrived.append(self.waiting.get(block=block and not self.rows and not arrived))
+        except queue.Empty:
+            pass
+        return arrived
+
+    # --- admitting requests: a batched prefill -------------------------------------------------
+
     def _admit(self, sequences):
-        """Prefill the new requests' prompts together (right-padded, one forward pass) and give a row to
-        each that does not end at its first token. If that fails, each is tried alone, so that one bad
-        request fails on its own."""
+        """Prefill the new requests' prompts together and give a row to each that does not end at its
+        first token. If that fails, each is tried alone, so that one bad request fails on its own."""
         for sequence in [s for s in sequences if s.cancelled]:
             self._finish(sequence, "cancelled")
         sequences = [s for s in sequences if not s.cancelled]
         if not sequences:
             return
         try:
-            lengths = [len(s.prompt_ids) for s in sequences]
-            prompts = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=self.device)
-            for row, sequence in enumerate(sequences):
-                prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
-                sequence.output = TextOutput(self.tokenizer, sequence.stop)
-            cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
-            logits = self.model.decode(prompts, cache, torch.tensor(lengths, device=self.device)).float()
-            tokens = self._sample(sequences, logits)
+            cache, tokens = self._prefill(sequences)
         except Exception:
             if len(sequences) > 1:
                 for sequence in sequences:
@@ -224,6 +255,20 @@ class Scheduler:
                 self.rows.append(sequence)
                 self.next_ids.append(token)
 
+    def _prefill(self, sequences):
+        """Run the prompts in one forward pass (right-padded) into a cache of their own: that cache, and
+        each sequence's first token."""
+        lengths = [len(s.prompt_ids) for s in sequences]
+        prompts = torch.zeros(len(sequences), max(lengths), dtype=torch.long, device=self.device)
+        for row, sequence in enumerate(sequences):
+            prompts[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+            sequence.output = TextOutput(self.tokenizer, sequence.stop)
+        cache = KVCache(self.model.config, len(sequences), max(lengths), self.device)
+        logits = self.model.decode(prompts, cache, torch.tensor(lengths, device=self.device)).float()
+        return cache, sample_tokens(sequences, logits)
+
+    # --- one decoding step, and the text each token completes ----------------------------------
+
     def step(self):
         """One token for every running sequence; those that end, or whose client left, give up their row."""
         self._drop([i for i, s in enumerate(self.rows) if s.cancelled], "cancelled")
@@ -232,25 +277,9 @@ class Scheduler:
         n = len(self.rows)
         input_ids = torch.tensor(self.next_ids, dtype=torch.long, device=self.device)[:, None]
         logits = self.decode_step(input_ids, self.cache.first_rows(n)).float()
-        self.next_ids = self._sample(self.rows, logits)
+        self.next_ids = sample_tokens(self.rows, logits)
         self._drop([i for i, (sequence, token) in enumerate(zip(self.rows, self.next_ids))
                     if self._emit(sequence, token)], None)
-
-    @staticmethod
-    def _sample(sequences, logits):
-        """The next token of each sequence (row of logits). Rows that sample alike (same settings, no seed
-        of their own) are sampled in one call; a seeded request draws from its own generator."""
-        tokens = [None] * len(sequences)
-        groups = {}
-        for row, s in enumerate(sequences):
-            key = (s.temperature, s.top_k, s.top_p) if s.generator is None else ("seeded", row)
-            groups.setdefault(key, []).append(row)
-        for rows in groups.values():
-            s = sequences[rows[0]]
-            picked = sample_next_token(logits[rows], s.temperature, s.top_k, s.top_p, s.generator)
-            for row, token in zip(rows, picked.tolist()):
-                tokens[row] = token
-        return tokens
 
     def _emit(self, sequence, token):
         """Send the text `token` completes; True when the sequence has ended (its end event is posted)."""
@@ -266,15 +295,19 @@ class Scheduler:
             return True
         return False
 
+    # --- finishing and dropping rows -----------------------------------------------------------
+
     def _finish(self, sequence, reason):
+        """Count how the sequence ended and tell its handler: the text held back and the end event (stop,
+        length) or the error event; a cancelled sequence's handler is gone."""
         self.finished[reason] += 1
-        if reason in ("stop", "length"):
+        if reason == "error":
+            sequence.post("error", "the server failed while generating; see its log")
+        elif reason != "cancelled":
             rest = sequence.output.rest()
             if rest:
                 sequence.post("text", rest)
-            prompt_tokens = len(sequence.prompt_ids)
-            sequence.post("end", reason, {"prompt_tokens": prompt_tokens, "completion_tokens": sequence.generated,
-                                          "total_tokens": prompt_tokens + sequence.generated})
+            sequence.post("end", reason, sequence.usage())
 
     def _drop(self, indices, reason):
         """Free these rows; the last row moves into each gap, so the rows in use stay the first ones."""
@@ -292,8 +325,7 @@ class Scheduler:
         """End these sequences with an error (the traceback goes to the log); the others run on."""
         traceback.print_exc()
         for sequence in sequences:
-            self.finished["error"] += 1
-            sequence.post("error", "the server failed while generating; see its log")
+            self._finish(sequence, "error")
         kept = [i for i, s in enumerate(self.rows) if s not in sequences]
         self.rows, self.next_ids = [self.rows[i] for i in kept], [self.next_ids[i] for i in kept]
 
@@ -308,7 +340,7 @@ class Scheduler:
                 self.decode_step(torch.zeros(n, 1, dtype=torch.long, device=self.device), scratch.first_rows(n))
 
 
-# --- the HTTP API ------------------------------------------------------------------------------
+# --- the HTTP API: requests and errors ---------------------------------------------------------
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
@@ -317,9 +349,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self):
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 class TextPart(BaseModel):
@@ -383,10 +417,8 @@ def validation_error(exc):
     return APIError(400, f"Invalid '{param}': {first['msg']}" if param else first["msg"], param)
 
 
-def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
-    """The FastAPI app. `tokenizer` encodes prompts in the event loop: it must not be the scheduler's,
-    which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared)."""
-    app = FastAPI(title="Tiny-LLM", docs_url=None, redoc_url=None)
+def add_error_handlers(app):
+    """Every error, the app's own, a request FastAPI refuses or a bug, answered in OpenAI's shape."""
 
     @app.exception_handler(APIError)
     async def api_error(request, exc):
@@ -405,6 +437,10 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     async def http_error(request, exc):
         return APIError(exc.status_code, str(exc.detail)).response()
 
+
+def key_check(api_key):
+    """The dependency that refuses a request without 'Authorization: Bearer api_key' (none: all pass)."""
+
     def check_key(request: Request):
         if api_key is None:
             return
@@ -413,86 +449,173 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
             raise APIError(401, "Incorrect API key provided." if given else
                            "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
+    return check_key
 
-    def sequence_for(body, prompt_ids, default_max_tokens, prompt_param):
-        """The scheduler's Sequence for a request; a prompt and answer longer than the context: error 400."""
-        room = max_seq_len - len(prompt_ids)
-        too_long = f"This model's maximum context length is {max_seq_len} tokens, and the prompt has {len(prompt_ids)}"
-        if room < 1:
-            raise APIError(400, f"{too_long}: no room is left for an answer. Please shorten the prompt.",
-                           prompt_param, "context_length_exceeded")
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(default_max_tokens, room)
-        if max_tokens > room:
-            raise APIError(400, f"{too_long}: at most {room} tokens are left for the answer, not {max_tokens}. "
-                                f"Please reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded")
-        generator = None
-        if body.seed is not None:
-            generator = torch.Generator(scheduler.device).manual_seed(body.seed)
-        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
-        return Sequence(prompt_ids, max_tokens, temperature, body.top_k or None, body.top_p, body.stop_strings(),
-                        generator, asyncio.get_running_loop(), ignore_eos=body.ignore_eos)
 
-    async def events(sequence):
-        """The sequence's events until its end; if the client goes away first, its row is freed."""
-        scheduler.submit(sequence)
-        try:
-            while True:
-                event = await sequence.events.get()
-                yield event
-                if event[0] != "text":
-                    return
-        finally:
-            sequence.cancelled = True  # read by the scheduler; a no-op once the sequence has ended
+# --- a request -> prompt ids and the scheduler's Sequence --------------------------------------
 
-    async def respond(body, sequence, kind):
-        """The whole answer as one JSON object, or (stream) server-sent events, in OpenAI's formats."""
-        chat = kind == "chat.completion"
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_name}
+def chat_prompt_ids(tokenizer, body):
+    """The conversation in the model's chat template, ending where the assistant's answer starts."""
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
 
-        def choice(text, finish_reason, first=False):
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            if not body.stream:
-                return {"index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish_reason, "logprobs": None}
-            delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
-            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
-        if not body.stream:
-            parts = []
-            async for event in events(sequence):
-                if event[0] == "text":
-                    parts.append(event[1])
-                elif event[0] == "error":
-                    raise APIError(500, event[1], type="server_error")
-                else:
-                    return {**base, "object": kind, "choices": [choice("".join(parts), event[1])],
-                            "usage": event[2]}
+def completion_prompt_ids(tokenizer, body):
+    """The prompt's token ids: its text tokenized as it is (no special tokens added), or the ids given."""
+    if isinstance(body.prompt, str):
+        prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = body.prompt
+        if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
+            raise APIError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", "prompt")
+    if not prompt_ids:
+        raise APIError(400, "'prompt' is empty", "prompt")
+    return prompt_ids
 
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def sse(payload):
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def answer_max_tokens(body, prompt_length, max_seq_len, default, prompt_param):
+    """How many tokens the answer may have: the request's max_tokens, else `default` or what room the
+    context leaves. A prompt and answer longer than the context: error 400, naming prompt_param or
+    max_tokens."""
+    room = max_seq_len - prompt_length
+    too_long = f"This model's maximum context length is {max_seq_len} tokens, and the prompt has {prompt_length}"
+    if room < 1:
+        raise APIError(400, f"{too_long}: no room is left for an answer. Please shorten the prompt.",
+                       prompt_param, "context_length_exceeded")
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(default, room)
+    if max_tokens > room:
+        raise APIError(400, f"{too_long}: at most {room} tokens are left for the answer, not {max_tokens}. "
+                            f"Please reduce max_tokens or the prompt.", "max_tokens", "context_length_exceeded")
+    return max_tokens
 
-        async def stream():
-            if chat:
-                yield sse({**base, "object": chunk_kind, "choices": [choice("", None, first=True)]})
-            async for event in events(sequence):
-                if event[0] == "text":
-                    yield sse({**base, "object": chunk_kind, "choices": [choice(event[1], None)]})
-                elif event[0] == "error":
-                    yield sse({"error": {"message": event[1], "type": "server_error", "param": None,
-                                         "code": None}})
-                else:
-                    yield sse({**base, "object": chunk_kind, "choices": [choice("", event[1])]})
-                    if include_usage:
-                        yield sse({**base, "object": chunk_kind, "choices": [], "usage": event[2]})
-            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sequence_for(body, prompt_ids, max_tokens, device):
+    """The scheduler's Sequence for a request, its events read in the running event loop."""
+    generator = None
+    if body.seed is not None:
+        generator = torch.Generator(device).manual_seed(body.seed)
+    temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
+    return Sequence(prompt_ids, max_tokens, temperature, body.top_k or None, body.top_p, body.stop_strings(),
+                    generator, asyncio.get_running_loop(), ignore_eos=body.ignore_eos)
+
+
+# --- the generated text -> the response --------------------------------------------------------
+
+def choice(fields, finish_reason):
+    return {"index": 0, **fields, "finish_reason": finish_reason, "logprobs": None}
+
+
+class ChatAnswer:
+    """The generated text as chat.completion's choices: the assistant's message (whole), or the deltas
+    that make it up (stream: opening, piece and closing give the choices to send, a chunk each)."""
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def whole(self, text, finish_reason):
+        return choice({"message": {"role": "assistant", "content": text}}, finish_reason)
+
+    def opening(self):  # the role, before any text
+        return [choice({"delta": {"role": "assistant", "content": ""}}, None)]
+
+    def piece(self, text):
+        return [choice({"delta": {"content": text}}, None)]
+
+    def closing(self, finish_reason):
+        return [choice({"delta": {}}, finish_reason)]
+
+
+class CompletionAnswer:
+    """The generated text as text_completion's choices, whole or (stream) piece by piece."""
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def whole(self, text, finish_reason):
+        return choice({"text": text}, finish_reason)
+
+    def opening(self):
+        return []
+
+    def piece(self, text):
+        return [choice({"text": text}, None)]
+
+    def closing(self, finish_reason):
+        return [choice({"text": ""}, finish_reason)]
+
+
+async def sequence_events(scheduler, sequence):
+    """The sequence's events until its end; if the client goes away first, its row is freed."""
+    scheduler.submit(sequence)
+    try:
+        while True:
+            event = await sequence.events.get()
+            yield event
+            if event[0] != "text":
+                return
+    finally:
+        sequence.cancelled = True  # read by the scheduler; a no-op once the sequence has ended
+
+
+async def respond(scheduler, sequence, body, answer, model_name):
+    """The whole answer as one JSON object, or (stream) server-sent events, in OpenAI's formats."""
+    head = {"id": f"{answer.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    events = sequence_events(scheduler, sequence)
+    if not body.stream:
+        return await whole_response(events, answer, head)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(event_stream(events, answer, head, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def whole_response(events, answer, head):
+    """The JSON object of a non-streamed answer, once it has ended; its failure: error 500."""
+    parts = []
+    async for event in events:
+        if event[0] == "text":
+            parts.append(event[1])
+        elif event[0] == "error":
+            raise APIError(500, event[1], type="server_error")
+        else:
+            return {**head, "object": answer.object, "choices": [answer.whole("".join(parts), event[1])],
+                    "usage": event[2]}
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def event_stream(events, answer, head, include_usage):
+    """A streamed answer's server-sent events: a chunk per piece of text, the finish reason, the usage if
+    asked, then [DONE]. A failure mid-stream is an error event (the status, 200, is sent already)."""
+
+    def chunk(choices, **extra):
+        return sse({**head, "object": answer.chunk_object, "choices": choices, **extra})
+
+    for opening in answer.opening():
+        yield chunk([opening])
+    async for event in events:
+        if event[0] == "text":
+            for piece in answer.piece(event[1]):
+                yield chunk([piece])
+        elif event[0] == "error":
+            yield sse(APIError(500, event[1], type="server_error").body())
+        else:
+            for closing in answer.closing(event[1]):
+                yield chunk([closing])
+            if include_usage:
+                yield chunk([], usage=event[2])
+    yield "data: [DONE]\n\n"
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
+    """The FastAPI app. `tokenizer` encodes prompts in the event loop: it must not be the scheduler's,
+    which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared)."""
+    app = FastAPI(title="Tiny-LLM", docs_url=None, redoc_url=None)
+    add_error_handlers(app)
+    with_key = [Depends(key_check(api_key))]
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tiny-llm",
+                  "max_model_len": max_seq_len}
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -502,39 +625,31 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
     async def health():
         return {"status": "ok", **scheduler.stats()}
 
-    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tiny-llm",
-                  "max_model_len": max_seq_len}
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=with_key)
     async def models():
         return {"object": "list", "data": [model_card]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    @app.get("/v1/models/{name:path}", dependencies=with_key)
     async def model(name: str):
         if name != model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server has '{model_name}'.", "model",
                            "model_not_found")
         return model_card
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=with_key)
     async def chat_completions(body: ChatRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
+        prompt_ids = chat_prompt_ids(tokenizer, body)
         # Without max_tokens, an answer may fill the rest of the context (OpenAI's default).
-        return await respond(body, sequence_for(body, prompt_ids, max_seq_len, "messages"), "chat.completion")
+        max_tokens = answer_max_tokens(body, len(prompt_ids), max_seq_len, max_seq_len, "messages")
+        sequence = sequence_for(body, prompt_ids, max_tokens, scheduler.device)
+        return await respond(scheduler, sequence, body, ChatAnswer(), model_name)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", dependencies=with_key)
     async def completions(body: CompletionRequest):
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = body.prompt
-            if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
-                raise APIError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", "prompt")
-        if not prompt_ids:
-            raise APIError(400, "'prompt' is empty", "prompt")
-        return await respond(body, sequence_for(body, prompt_ids, 16, "prompt"), "text_completion")  # OpenAI's 16
+        prompt_ids = completion_prompt_ids(tokenizer, body)
+        max_tokens = answer_max_tokens(body, len(prompt_ids), max_seq_len, 16, "prompt")  # OpenAI's 16
+        sequence = sequence_for(body, prompt_ids, max_tokens, scheduler.device)
+        return await respond(scheduler, sequence, body, CompletionAnswer(), model_name)
 
     return app
 
