@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from hardware import add_dtype_argument, autocast, choose_dtype, warn_if_emulated
 from model import Transformer
 
 
@@ -123,6 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--eos_check", default=None, metavar="SFT_JSONL",
                    help="report how often answers to 20 held-out prompts end with <|im_end|>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_dtype_argument(p, "generate")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: about twice the tokens/s on CPU, after 5-20 s of "
                         "compiling on first use (once more when the context length first changes)")
@@ -134,7 +136,15 @@ def main(argv=None):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load(args.model, args.device)
-    stops = stop_ids(args.model, tokenizer)
+    device = next(model.parameters()).device
+    dtype, _ = choose_dtype(device, args.dtype, job="decode")
+    warn_if_emulated(device, dtype)
+    with autocast(device, dtype):
+        run(model, tokenizer, args, stop_ids(args.model, tokenizer))
+
+
+def run(model, tokenizer, args, stops):
+    """What the arguments ask for: the eos check, a chat, one chat turn, or one completion."""
     if args.eos_check:
         rate, asked = eos_rate(model, tokenizer, args.eos_check, args, stops)
         how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"

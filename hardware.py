@@ -11,6 +11,9 @@ asked.
 Every choice can be overridden: an explicit --dtype is honoured, with a warning where the hardware would
 emulate it.
 """
+import contextlib
+import sys
+
 import torch
 
 
@@ -58,3 +61,24 @@ def emulated(device, dtype):
         return None if native else "GPU"
     native = cpu_bf16_units() is not None if dtype == torch.bfloat16 else cpu_fp16_units() is not None
     return None if native else "CPU"
+
+
+def warn_if_emulated(device, dtype):
+    by = emulated(device, dtype)
+    if by:
+        print(f"warning: {str(dtype).removeprefix('torch.')} on this {by} is emulated, several times slower than "
+              "float32", file=sys.stderr)
+
+
+def autocast(device, dtype):
+    """Mixed precision in dtype on device (weights stay float32); nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def add_dtype_argument(parser, job):
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help=f"{job} under autocast in this dtype (the weights stay float32); auto: "
+                             "bfloat16 on GPUs with bf16 units (float16 on older ones), float32 on CPU, where "
+                             "decoding is not faster in bf16 (docs/training.md, dtypes)")

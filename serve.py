@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from generate import TextStreamer, load, stop_ids
+from hardware import add_dtype_argument, autocast, choose_dtype, warn_if_emulated
 from model import KVCache, sample_next_token
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
@@ -183,9 +184,9 @@ class Scheduler:
     through submit, takes a row in _admit (unless its first token ends it), gets a token per step and
     leaves through _drop; _finish and _fail tell its handler how it ended."""
 
-    def __init__(self, model, tokenizer, stop_ids, max_batch_size, compile=False):
+    def __init__(self, model, tokenizer, stop_ids, max_batch_size, compile=False, dtype=torch.float32):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, dtype
         self.max_batch_size = max_batch_size
         self.cache = BatchCache(model.config, max_batch_size, model.config.max_seq_len, self.device)
         self.rows = []          # the sequences in rows 0..len-1 of the cache
@@ -203,8 +204,8 @@ class Scheduler:
         return {"running": len(self.rows), "waiting": self.waiting.qsize(), "finished": dict(self.finished)}
 
     def run(self):
-        """The scheduler thread's loop (grad mode is per thread: no_grad must be set here)."""
-        with torch.no_grad():
+        """The scheduler thread's loop (grad mode and autocast are per thread: they must be set here)."""
+        with torch.no_grad(), autocast(self.device, self.dtype):
             while True:
                 self.iterate(block=True)
 
@@ -334,7 +335,7 @@ class Scheduler:
         the batch size is symbolic and 2..max_batch_size rows reuse it)."""
         print("compiling the decoding step...", file=sys.stderr)
         scratch = BatchCache(self.model.config, 2, self.model.config.max_seq_len, self.device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, self.dtype):  # compiled for the dtype it will run in
             self.model.decode(torch.zeros(2, 1, dtype=torch.long, device=self.device), scratch)
             for n in (1, 2):
                 self.decode_step(torch.zeros(n, 1, dtype=torch.long, device=self.device), scratch.first_rows(n))
@@ -662,6 +663,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--api_key", default=None, help="clients must send 'Authorization: Bearer KEY'")
     p.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together at most")
+    add_dtype_argument(p, "decode")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (compiled at start-up, before the first request)")
     return p.parse_args(argv)
@@ -674,8 +676,10 @@ def main(argv=None):
     if args.max_batch_size < 1:
         sys.exit(f"error: --max_batch_size must be at least 1, not {args.max_batch_size}")
     model, scheduler_tokenizer = load(args.model, args.device)
+    dtype, _ = choose_dtype(next(model.parameters()).device, args.dtype, job="decode")
+    warn_if_emulated(next(model.parameters()).device, dtype)
     scheduler = Scheduler(model, scheduler_tokenizer, stop_ids(args.model, scheduler_tokenizer),
-                          args.max_batch_size, compile=args.compile)
+                          args.max_batch_size, compile=args.compile, dtype=dtype)
     threading.Thread(target=scheduler.run, name="scheduler", daemon=True).start()
     model_name = os.path.basename(os.path.normpath(args.model))
     app = create_app(scheduler, AutoTokenizer.from_pretrained(args.model), model_name, model.config.max_seq_len,

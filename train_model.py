@@ -36,7 +36,7 @@ from checkpoints import (checkpoint_to_resume, load_optimizer_state, model_weigh
                          save_atomically, save_checkpoint, save_final_model, write_model_dir)
 from corpus import DataError, data_files
 from errors import Fatal, Stopped
-from hardware import choose_dtype, emulated
+from hardware import autocast, choose_dtype, warn_if_emulated
 from logger import Logger
 from lora import ADAPTER_DIR, LORA_TARGETS, add_lora, load_adapter, lora_target_names, write_adapter_dir
 from model import ModelConfig, Transformer
@@ -207,8 +207,7 @@ class Run:
     autocast: object = None  # mixed precision: one torch.autocast to the run's dtype (nothing in float32)
 
     def __post_init__(self):
-        self.autocast = contextlib.nullcontext() if self.dtype == torch.float32 else \
-            torch.autocast(self.device.type, dtype=self.dtype)
+        self.autocast = autocast(self.device, self.dtype)
 
     @property
     def is_main(self):
@@ -255,9 +254,8 @@ def resolve_device_and_dtype(args):
     if device.type not in ("cpu", "cuda"):
         raise Fatal(f"--device {args.device}: only cpu and cuda are supported")
     dtype, why = choose_dtype(device, args.dtype)
-    if emulated(device, dtype) and os.environ.get("RANK", "0") == "0":
-        print(f"warning: --dtype {args.dtype}: this {emulated(device, dtype)} emulates it, several times slower "
-              "than float32", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        warn_if_emulated(device, dtype)
     return device, dtype, why
 
 

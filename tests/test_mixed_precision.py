@@ -166,7 +166,7 @@ def test_explicit_bfloat16_on_cpu_is_honoured_and_emulation_is_named(monkeypatch
     args = train_model.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
     device, dtype, why = train_model.resolve_device_and_dtype(args)
     assert dtype == torch.bfloat16
-    warned = "emulates it, several times slower" in capsys.readouterr().err
+    warned = "bfloat16 on this CPU is emulated, several times slower" in capsys.readouterr().err
     assert warned == (units is None) and ("emulated" in why) == (units is None), why
 
 

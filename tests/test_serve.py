@@ -386,3 +386,34 @@ def test_a_failing_request_gets_an_error_and_the_others_run_on(tokenizer):
     assert [e[0] for e in events["failing"]] == ["error"]
     assert events["running"][-1][:2] == ("end", "length") and running.generated == 10
     assert scheduler.finished["error"] == 1 and not scheduler.rows
+
+
+def test_the_scheduler_thread_decodes_in_the_dtype_asked_for(tokenizer):
+    """serve.py --dtype bfloat16: the scheduler's own thread decodes under bf16 autocast (autocast is per
+    thread), giving the greedy tokens of the model converted to bf16."""
+    import asyncio
+    import threading
+    from model import Transformer
+    from serve import Scheduler, Sequence
+    from test_model import train_a_little
+    torch.manual_seed(1234)
+    model = train_a_little(Transformer(tiny_config(len(tokenizer)))).eval()
+    converted = Transformer(model.config).eval()
+    converted.load_state_dict(model.state_dict())
+    converted.to(torch.bfloat16)
+
+    def greedy(m, prompt):
+        return m.generate(torch.tensor([prompt]), 24, temperature=0)[0, len(prompt):].tolist()
+    # A prompt whose greedy answer bf16 changes, so that the test tells the dtypes apart.
+    prompt = next(p for p in ([i, i + 1, i + 2] for i in range(0, 3000, 7)) if greedy(converted, p) != greedy(model, p))
+    expected = greedy(converted, prompt)
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tokenizer, stop_ids=[], max_batch_size=2, dtype=torch.bfloat16)
+    threading.Thread(target=scheduler.run, daemon=True).start()
+    sequence = Sequence(prompt, 24, 0.0, None, None, [], None, loop)
+    scheduler.submit(sequence)
+    events = []
+    while not events or events[-1][0] == "text":
+        events.append(loop.run_until_complete(asyncio.wait_for(sequence.events.get(), 60)))
+    loop.close()
+    assert events[-1][0] == "end" and sequence.output.streamer.ids == expected

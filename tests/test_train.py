@@ -438,10 +438,11 @@ def _printed(tokenizer, new_ids):
             return text
 
 
-def _expected_completion(model_dir, prompt_ids, max_new_tokens, eos_token):
+def _expected_completion(model_dir, prompt_ids, max_new_tokens, eos_token, dtype=torch.float32):
+    """What generate.py should print: the greedy completion of the model converted to dtype."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = Transformer.from_pretrained(model_dir).eval()
+    model = Transformer.from_pretrained(model_dir).eval().to(dtype)
     new = model.generate(torch.tensor([prompt_ids]), max_new_tokens, temperature=0,
                          eos_token_id=tokenizer.convert_tokens_to_ids(eos_token))[0, len(prompt_ids):].tolist()
     assert 0 < len(new) <= max_new_tokens
@@ -474,6 +475,17 @@ def test_generate_prints_only_the_new_text(pretrained, generate_to_capsys, capsy
     ids = AutoTokenizer.from_pretrained(pretrained)(prompt, add_special_tokens=False)["input_ids"]
     assert out == _expected_completion(pretrained, ids, 5, "<|endoftext|>") + "\n"
     assert not out.startswith(prompt)
+
+
+def test_generate_in_bf16_equals_the_model_converted_to_bf16(pretrained, generate_to_capsys, capsys):
+    """--dtype bfloat16 decodes under autocast (float32 weights, bf16 matmuls): the tokens of the model
+    converted to bf16, on any CPU (one without bf16 units emulates them)."""
+    from transformers import AutoTokenizer
+    prompt = "《静夜思》 李白\n床前"
+    generate_to_capsys.main(["--model", pretrained, "--prompt", prompt, "--max_new_tokens", "8",
+                             "--temperature", "0", "--device", "cpu", "--dtype", "bfloat16"])
+    ids = AutoTokenizer.from_pretrained(pretrained)(prompt, add_special_tokens=False)["input_ids"]
+    assert capsys.readouterr().out == _expected_completion(pretrained, ids, 8, "<|endoftext|>", torch.bfloat16) + "\n"
 
 
 @pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
