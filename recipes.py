@@ -40,9 +40,12 @@ def shape_args(name):
     return [arg for key, value in SHAPES[name].items() for arg in (f"--{key}", str(value))]
 
 
+# train.sh's demo pretraining without its recipe: the model, batch and length the speedrun's recipes share.
+DEMO_PRETRAIN = [*shape_args("demo"), "--batch_size", "16", "--max_steps", "383"]
+
 # The runs of train.sh, as train_model.py arguments (data and directories are train.sh's).
 RUNS = {
-    "demo-pretrain": [*shape_args("demo"), "--batch_size", "16", *DEMO_MUON, "--max_steps", "383"],
+    "demo-pretrain": [*DEMO_PRETRAIN, *DEMO_MUON],
     "demo-sft": [*shape_args("demo"), "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "20",
                  "--max_steps", "400"],
     "demo-dpo": ["--max_seq_len", "256", "--lora_rank", "16", "--lora_alpha", "32", "--batch_size", "8",

@@ -1,4 +1,5 @@
-"""bench.py: the counting, the FLOP formula, the generation methods and a quick smoke run; no timing."""
+"""bench.py and benchmarks/: the counting, the FLOP formula, the generation methods and quick smoke runs;
+no timing."""
 import json
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import bench
+from benchmarks import common, hf_race, speedrun, trl_race
 from conftest import TOKENIZER_DIR, tiny_config
 from model import Transformer
 from logger import measure_matmul_flops
@@ -15,7 +17,7 @@ def test_count_useful_tokens_skips_the_first_position_and_minus_100():
     labels = torch.tensor([[5, 6, 7, 8, -100, -100],     # positions 1..3 carry loss: 3
                            [-100, 1, 2, -100, 3, 4],     # 1, 2, 4, 5: 4 (the first never does)
                            [9, -100, -100, -100, -100, -100]])  # 0
-    assert bench.count_useful_tokens({"input_ids": labels.clamp(min=0), "labels": labels}) == 7
+    assert hf_race.count_useful_tokens({"input_ids": labels.clamp(min=0), "labels": labels}) == 7
 
 
 def shipped_training_texts(path):
@@ -32,10 +34,10 @@ def test_padded_pipeline_counts_each_document_up_to_max_len(tokenizer, pretrain_
     assert any(n > max_len for n in lengths) and any(n < max_len for n in lengths)  # both cases occur
     expected = sum(min(n, max_len) - 1 for n in lengths)
 
-    batches = list(bench.padded_batches(bench.training_texts(pretrain_file), tokenizer, max_len, batch_size))
+    batches = list(hf_race.padded_batches(hf_race.training_texts(pretrain_file), tokenizer, max_len, batch_size))
     assert sum(len(b["labels"]) for b in batches) == len(texts)
     assert all(b["input_ids"].shape == (batch_size, max_len) for b in batches[:-1])
-    assert sum(bench.count_useful_tokens(b) for b in batches) == expected
+    assert sum(hf_race.count_useful_tokens(b) for b in batches) == expected
     # Row by row: the document, eos when it fits, then padding that carries no loss.
     first = tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [eos]
     row_ids, row_labels = batches[0]["input_ids"][0], batches[0]["labels"][0]
@@ -43,13 +45,13 @@ def test_padded_pipeline_counts_each_document_up_to_max_len(tokenizer, pretrain_
     assert row_ids[:n].tolist() == first[:n] and row_labels[:n].tolist() == first[:n]
     assert (row_labels[n:] == -100).all() and (row_ids[n:] == tokenizer.pad_token_id).all()
 
-    per_row, first_batch = bench.useful_per_row(iter(batches))
+    per_row, first_batch = hf_race.useful_per_row(iter(batches))
     assert per_row == pytest.approx(expected / len(texts))
     assert first_batch is batches[0]
 
 
 def test_packed_pipeline_has_every_position_useful(tokenizer, pretrain_file):
-    per_row, batch = bench.useful_per_row(bench.packed_batches(pretrain_file, tokenizer, 64, 4))
+    per_row, batch = hf_race.useful_per_row(hf_race.packed_batches(pretrain_file, tokenizer, 64, 4))
     assert per_row == 63 and batch["input_ids"].shape == (4, 64)
 
 
@@ -65,14 +67,14 @@ def test_flops_per_token_by_hand(tokenizer):
     # MFU: flops_per_token x tokens/s over the peak.
     train = {"flops_per_token": expected, "peak_flops": 1e9, "tokens_per_s": {"ours": 1000.0, "hf": 500.0}}
     train["peak_dtype"] = "fp32"
-    assert bench.mfu(train)["mfu"] == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
+    assert hf_race.mfu(train)["mfu"] == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
 
 
 def test_the_generation_methods_give_the_same_tokens(tokenizer):
     device = torch.device("cpu")
-    ours, hf = bench.ours_and_hf(tiny_config(len(tokenizer)), device, seed=0, init=bench.natural_scale_init)
+    ours, hf = hf_race.ours_and_hf(tiny_config(len(tokenizer)), device, seed=0, init=hf_race.natural_scale_init)
     prompt = torch.tensor([tokenizer("《静夜思》 李白", add_special_tokens=False)["input_ids"]])
-    methods = bench.generation_methods(ours, hf, prompt, 40, device, compile=True)
+    methods = hf_race.generation_methods(ours, hf, prompt, 40, device, compile=True)
     outputs = {name: fn() for name, fn in methods.items()}
     assert set(outputs) == {"ours", "hf", "recompute", "ours_compiled"}
     assert outputs["ours"].shape == (1, prompt.shape[1] + 40)
@@ -80,16 +82,16 @@ def test_the_generation_methods_give_the_same_tokens(tokenizer):
     for name in ("hf", "recompute", "ours_compiled"):
         assert torch.equal(outputs["ours"], outputs[name]), name
     assert len(set(outputs["ours"][0, prompt.shape[1]:].tolist())) > 1  # a check with something to check
-    assert bench.first_difference(outputs["ours"], outputs["hf"]) is None
+    assert hf_race.first_difference(outputs["ours"], outputs["hf"]) is None
     changed = outputs["ours"].clone()
     changed[0, -3] += 1
-    assert bench.first_difference(outputs["ours"], changed) == changed.shape[1] - 3
+    assert hf_race.first_difference(outputs["ours"], changed) == changed.shape[1] - 3
 
 
 def test_race_alternates_and_keeps_the_first_outputs():
     calls = []
     contenders = {"a": lambda: calls.append("a") or len(calls), "b": lambda: calls.append("b") or len(calls)}
-    seconds, first = bench.race(contenders, torch.device("cpu"), rounds=(3, 3), budget_s=0, warmup=1)
+    seconds, first = common.race(contenders, torch.device("cpu"), rounds=(3, 3), budget_s=0, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then the order flips each round
     assert {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3} and first == {"a": 3, "b": 4}
 
@@ -100,7 +102,7 @@ def test_quick_json_run_reports_every_section(pretrain_file, capsys, monkeypatch
     def spy(*args, **kwargs):
         peak_calls.append(kwargs)
         return measure_matmul_flops(*args, **kwargs)
-    monkeypatch.setattr(bench, "measure_matmul_flops", spy)
+    monkeypatch.setattr(hf_race, "measure_matmul_flops", spy)
     results = bench.main(["--quick", "--json", "--config", "tiny", "--data_path", pretrain_file,
                           "--tokenizer_path", TOKENIZER_DIR])
     # MFU's peak is measured by training's own method: its matmul size and timing, not the bench's.
@@ -135,9 +137,9 @@ def test_matmul_floors_do_the_models_weight_matmuls_and_nothing_else(tokenizer):
     model = Transformer(tiny_config(len(tokenizer)))
     seq = 128
     matmul_weights = (model.flops_per_token(seq) - 6 * model.config.n_layers * model.config.dim * seq) // 6
-    assert sum(w.numel() for w in bench.linear_weights(model)) == matmul_weights
-    for run, expected in [(bench.train_matmuls(model, tokens=96), 6 * matmul_weights * 96),
-                          (bench.decode_matmuls(model, new_tokens=5), 2 * matmul_weights * 5)]:
+    assert sum(w.numel() for w in hf_race.linear_weights(model)) == matmul_weights
+    for run, expected in [(hf_race.train_matmuls(model, tokens=96), 6 * matmul_weights * 96),
+                          (hf_race.decode_matmuls(model, new_tokens=5), 2 * matmul_weights * 5)]:
         with FlopCounterMode(display=False) as counter:
             run()
         assert counter.get_total_flops() == expected
@@ -148,7 +150,7 @@ def test_each_section_prints_as_it_is_measured_and_a_failure_spares_the_others(p
     """A GPU run must leave numbers behind: rows go out as each section ends, and a section that raises
     prints its error while the sections after it still run."""
     printed_before = {}
-    real_useful = bench.bench_useful_tokens
+    real_useful = hf_race.bench_useful_tokens
 
     def failing_generation(*args, **kwargs):
         raise RuntimeError("no kernel image is available")
@@ -156,8 +158,8 @@ def test_each_section_prints_as_it_is_measured_and_a_failure_spares_the_others(p
     def useful_tokens(*args, **kwargs):
         printed_before["useful_tokens"] = capsys.readouterr().out
         return real_useful(*args, **kwargs)
-    monkeypatch.setattr(bench, "bench_generation", failing_generation)
-    monkeypatch.setattr(bench, "bench_useful_tokens", useful_tokens)
+    monkeypatch.setattr(hf_race, "bench_generation", failing_generation)
+    monkeypatch.setattr(hf_race, "bench_useful_tokens", useful_tokens)
     results = bench.main(["--quick", "--config", "tiny", "--data_path", pretrain_file,
                           "--tokenizer_path", TOKENIZER_DIR])
     earlier = printed_before["useful_tokens"]
@@ -192,10 +194,10 @@ def test_matmul_peak_waits_for_the_device_once_per_doubling_batch(monkeypatch):
 
 def test_time_to_reach_interpolates_between_evaluations():
     points = [(10.0, 3.0), (20.0, 2.0), (30.0, 1.5)]
-    assert bench.time_to_reach(points, 2.5) == pytest.approx(15.0)  # halfway from 3.0 to 2.0
-    assert bench.time_to_reach(points, 2.0) == pytest.approx(20.0)
-    assert bench.time_to_reach(points, 3.5) == pytest.approx(10.0)  # already there at the first evaluation
-    assert bench.time_to_reach(points, 1.0) is None
+    assert speedrun.time_to_reach(points, 2.5) == pytest.approx(15.0)  # halfway from 3.0 to 2.0
+    assert speedrun.time_to_reach(points, 2.0) == pytest.approx(20.0)
+    assert speedrun.time_to_reach(points, 3.5) == pytest.approx(10.0)  # already there at the first evaluation
+    assert speedrun.time_to_reach(points, 1.0) is None
 
 
 def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp_path, capsys):
@@ -232,4 +234,4 @@ def test_quick_trl_race_starts_from_the_same_losses_as_trl(capsys):
     assert sft_loss > 5 and abs(rows["LoRA SFT (SFTTrainer+PEFT)"]["first"]["ours"][0] - sft_loss) > 1e-3
     dpo_loss, logp_chosen, logp_rejected = rows["DPO (DPOTrainer)"]["first"]["ours"]
     assert dpo_loss == pytest.approx(math.log(2), abs=1e-6) and logp_chosen < -10 and logp_rejected < -10
-    assert all(bench.format_row(r).startswith("TRL race") for r in bench.trl_rows(results))
+    assert all(common.format_row(r).startswith("TRL race") for r in trl_race.trl_rows(results))

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-import bench
+from benchmarks import serving as serving_bench
 from conftest import SUBPROCESS_ENV, TOKENIZER_DIR, tiny_config
 
 API_KEY = "test-key"
@@ -42,7 +42,7 @@ def write_chatty_model(path, max_seq_len, seed=0):
 
 def running_server(model_dir, log_path, *args):
     """`python serve.py` on a free port of 127.0.0.1 (bench.py's way): yields (process, base URL)."""
-    return bench.running_server(model_dir, log_path, "--device", "cpu", *args, env=SUBPROCESS_ENV)
+    return serving_bench.running_server(model_dir, log_path, "--device", "cpu", *args, env=SUBPROCESS_ENV)
 
 
 def health(url):
@@ -353,7 +353,7 @@ def test_bench_load_every_valid_request_answered_every_malformed_one_refused(ser
     """bench.py --serve's mixed load, small: valid requests answered in full, malformed ones a 4xx JSON
     error; the server ends idle (its speed figures are measured here, not asserted)."""
     process, url = served
-    results = bench.measure_serving(url, process.pid, quick=True, requests=40, api_key=API_KEY)
+    results = serving_bench.measure_serving(url, process.pid, quick=True, requests=40, api_key=API_KEY)
     mixed = results["mixed"]
     assert (mixed["good"]["sent"], mixed["bad"]["sent"], mixed["leave"]["sent"]) == (36, 2, 2)
     assert mixed["good"]["as_expected"] == 36 and mixed["bad"]["as_expected"] == 2
