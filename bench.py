@@ -9,6 +9,8 @@ benchmarks/, whose docstrings say what each measures, how, and at what cost.
     python bench.py --trl runs/demo/sft          our SFT, DPO and LoRA SFT steps against TRL's trainers
                                                  (benchmarks/trl_race.py)
     python bench.py --serve runs/demo/sft        serve.py under load (benchmarks/serving.py)
+    python bench.py --cpu_dtype --threads 2      our training step and decoding in float32 and bf16 on this CPU
+                                                 (benchmarks/cpu_dtype.py)
     python bench.py --speedrun adamw-cosine,muon-wsd
                                                  two training recipes, time to quality (benchmarks/speedrun.py)
 
@@ -21,7 +23,7 @@ import sys
 
 import torch
 
-from benchmarks import hf_race, serving, speedrun, trl_race
+from benchmarks import cpu_dtype, hf_race, serving, speedrun, trl_race
 from benchmarks.common import use_threads
 from benchmarks.hf_race import CONFIGS
 from recipes import SPEEDRUN_RECIPES
@@ -55,6 +57,10 @@ def parse_args(argv=None):
                         "SFTTrainer, DPOTrainer and SFTTrainer + PEFT on this model (without MODEL_DIR: a random "
                         "model of --config's shape)")
     p.add_argument("--speedrun_dir", default="runs/speedrun", help="where --speedrun's runs are kept")
+    p.add_argument("--cpu_dtype", action="store_true",
+                   help="instead of the sections above, race our training step in float32 and under bf16 "
+                        "autocast, eager and compiled (the demo's and the default model), and greedy decoding, "
+                        "on this CPU, with MFU against each dtype's measured matmul peak")
     return p.parse_args(argv)
 
 
@@ -64,6 +70,8 @@ def main(argv=None):
         return serving.run(args)
     if args.speedrun:
         return speedrun.run(args)
+    if args.cpu_dtype:
+        return cpu_dtype.run(args)
     if args.compile is None:
         args.compile = not args.quick
     device = torch.device(args.device)

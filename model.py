@@ -216,7 +216,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  eos_token_id=None, streamer=None, compile=False):
-        """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids.
+        """Sample up to max_new_tokens after input_ids (batch, seq); returns prompt plus new ids (see sample)."""
+        new = self.sample(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, streamer, compile)
+        return torch.cat([input_ids, new], dim=1)
+
+    @torch.no_grad()
+    def sample(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+               streamer=None, compile=False, prompt_lengths=None):
+        """The new ids (batch, up to max_new_tokens) sampled after each row's prompt, as far as max_seq_len
+        allows. input_ids (batch, seq) are the prompts, right-padded when prompt_lengths (batch,) gives
+        each row's own length (rows then continue at their own positions, as in decode).
 
         temperature 0 is greedy. eos_token_id: an id or a list of ids (a model's generation_config may
         list several) that end a sequence; a finished sequence is padded with the first of them until
@@ -227,35 +236,31 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         batch, prompt_len = input_ids.shape
-        total = min(prompt_len + max_new_tokens, self.config.max_seq_len)
-        assert prompt_len < total, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
-        tokens = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
-        tokens[:, :prompt_len] = input_ids
-        cache = KVCache(self.config, batch, total, input_ids.device)
+        steps = min(max_new_tokens, self.config.max_seq_len - prompt_len)
+        assert steps > 0, f"prompt of {prompt_len} tokens leaves no room under max_seq_len"
+        new = torch.empty(batch, steps, dtype=torch.long, device=input_ids.device)
+        cache = KVCache(self.config, batch, prompt_len + steps, input_ids.device)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         if eos_token_id is not None:
             eos = torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
         decode_step = self.compiled_decode_step() if compile else self.decode
-        next_input = input_ids
-        for pos in range(prompt_len, total):
-            step = self.decode if pos == prompt_len else decode_step
-            logits = step(next_input, cache).float()
-            next_token = sample_next_token(logits, temperature, top_k, top_p)
+        logits = self.decode(input_ids, cache, prompt_lengths)  # the prompts, all at once
+        for step in range(steps):
+            if step:
+                logits = decode_step(next_token[:, None], cache)
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos[0], next_token)
                 done |= torch.isin(next_token, eos)
-            tokens[:, pos] = next_token
+            new[:, step] = next_token
             if streamer is not None:
                 streamer(next_token)
-            next_input = next_token[:, None]
             # One device-to-host sync per token, only when there is something to stop on.
             if eos_token_id is not None and bool(done.all()):
-                pos += 1
+                new = new[:, :step + 1]
                 break
-        else:
-            pos = total
         self.train(was_training)
-        return tokens[:, :pos]
+        return new
 
     def compiled_decode_step(self):
         """decode through torch.compile, made once per model. A decoding step does little work per

@@ -12,11 +12,12 @@ are the demo's (dim 256, 4 layers, 16 x 256 tokens) and train_model.py's default
 other sections; a compiled contender's compilation is its warm-up call, timed and reported apart.
 """
 import contextlib
+import json
 import time
 
 import torch
 
-from benchmarks.common import best, race
+from benchmarks.common import best, machine, machine_summary, race, stderr_log, use_threads
 from hardware import cpu_bf16_units
 from logger import measure_matmul_flops
 from model import ModelConfig, Transformer
@@ -54,7 +55,7 @@ def train_step(model, input_ids, dtype, compiled):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
     return step
 
 
@@ -115,8 +116,8 @@ def bench_cpu_dtype(args, vocab_size, log):
 def print_cpu_dtype(results):
     units = results["units"] or "none, bf16 emulated"
     print(f"CPU dtypes ({results['threads']} threads; bf16 units: {units}); "
-          f"matmul peak float32 {results['peak_gflops']['float32']:,.0f} GFLOP/s, "
-          f"bf16 {results['peak_gflops']['bf16']:,.0f} GFLOP/s")
+          f"matmul peak float32 {results['peak_gflops']['float32']:,.1f} GFLOP/s, "
+          f"bf16 {results['peak_gflops']['bf16']:,.1f} GFLOP/s")
     for case, figures in results["steps"].items():
         base = figures["float32"]["ms"]
         print(f"  train step, {case}: " + "; ".join(
@@ -126,3 +127,18 @@ def print_cpu_dtype(results):
     for batch, figures in results["decode"].items():
         print(f"  greedy decoding, batch {batch}: float32 {figures['float32']:,.0f} tokens/s, bf16 "
               f"{figures['bf16']:,.0f} tokens/s ({figures['bf16'] / figures['float32']:.2f}x)")
+
+
+def run(args):
+    """The CPU-dtype race (--cpu_dtype); prints the report (or the JSON) and returns the results."""
+    from transformers import AutoTokenizer
+    device = torch.device("cpu")
+    use_threads(device, args.threads)
+    vocab_size = len(AutoTokenizer.from_pretrained(args.tokenizer_path))
+    results = {"machine": machine(device), **bench_cpu_dtype(args, vocab_size, stderr_log())}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(machine_summary(results["machine"]))
+        print_cpu_dtype(results)
+    return results

@@ -281,6 +281,21 @@ def test_greedy_generate_matches_hf_for_a_batch(trained):
         assert torch.equal(ours[row:row + 1], model.generate(ids[row:row + 1], 15, temperature=0))
 
 
+def test_prompts_of_different_lengths_sample_together_as_each_alone(trained):
+    """sample() with right-padded prompts and their lengths (RL rollouts: a batch of prompts of their own
+    lengths): each row's new tokens are those of its prompt decoded alone (greedy, random prompts, so that
+    a row attending to another row's padding would show)."""
+    model, _, _ = trained
+    lengths = [3, 9, 6]
+    prompts = [random_ids(model.config.vocab_size, 1, n, seed=40 + n)[0] for n in lengths]
+    padded = torch.zeros(3, 9, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = prompt
+    together = model.sample(padded, 12, temperature=0, prompt_lengths=torch.tensor(lengths))
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(together[row], model.sample(prompt[None], 12, temperature=0)[0]), row
+
+
 def test_kv_cache_generation_equals_full_recompute(trained):
     model, _, _ = trained
     ids = random_ids(model.config.vocab_size, 2, 5, seed=23)
