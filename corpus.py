@@ -96,6 +96,21 @@ def parse_preference(record):
     return prompt, chosen, rejected
 
 
+def parse_prompt(record):
+    """(prompt, columns) of a prompt row for RL: `messages` that end with a user turn (a conversation, which
+    the chat template renders) or a `prompt` string (used as it is, as TRL does), and the row's other
+    columns as they are (an answer key, the form asked for...), for the reward functions."""
+    if isinstance(record.get("messages"), list):
+        key, prompt = "messages", parse_turns(record["messages"])
+        if not prompt or prompt[-1]["role"] != "user":
+            raise BadLine("the messages do not end with a user turn: the model answers the last user turn")
+    elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        key, prompt = "prompt", record["prompt"]
+    else:
+        raise BadLine("no list field 'messages' ending with a user turn, nor a non-empty string field 'prompt'")
+    return prompt, {name: value for name, value in record.items() if name != key}
+
+
 def parse_texts(record):
     """Every text in a pretraining or SFT record (for tokenizer training)."""
     if "text" in record:

@@ -1,5 +1,6 @@
 """The datasets the training loop reads: packed blocks for pretraining, chat-template conversations for
-SFT, pairs of answers (chosen, rejected) for DPO; and how their samples are shared among processes.
+SFT, pairs of answers (chosen, rejected) for DPO, prompts for RL; and how their samples are shared among
+processes.
 
 Every `val_every`-th row (200th by default) of the corpus (corpus.py) is the validation split. Samples have
 a global order that does not depend on the number of processes: sample i goes to rank i % world_size, and
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from corpus import (PROBE_LINES, DataError, corpus_rows, data_files, estimate_rows, parse_conversation,
-                    parse_preference, parse_text, read_records)
+                    parse_preference, parse_prompt, parse_text, read_records)
 from token_cache import cache_dtype, tokenize_documents
 
 RANK_ROWS = 64  # streaming pretraining on N ranks: rows i..i+63 of the corpus go to one rank, in turn
@@ -227,6 +228,42 @@ class PreferenceDataset(ChatDataset):
             encoded["labels"][:prompt_length] = -100
             sample[name] = encoded
         return sample
+
+
+class PromptDataset(ChatDataset):
+    """Prompts for RL (--mode grpo): each a dict of its token ids (a conversation through the chat template,
+    with the assistant's turn opened; a plain prompt as it is), the prompt itself and the row's other
+    columns, which the reward functions read. A prompt longer than max_length - room keeps its last tokens:
+    the question and the opened turn are at its end. The training split is shuffled in windows, as DPO's."""
+
+    parse = staticmethod(parse_prompt)
+
+    def __init__(self, data_path, tokenizer, max_length, room=0, **kwargs):
+        super().__init__(data_path, tokenizer, max_length, **kwargs)
+        self.room = room  # positions left for the completion
+
+    def _items(self, epoch):
+        prompts = (prompt for _, prompt in self.records())
+        if self.split == "val":
+            yield from prompts
+            return
+        for index, window in enumerate(windows(prompts, self.window)):
+            for i in np.random.default_rng([self.seed, epoch, index]).permutation(len(window)):
+                yield window[i]
+
+    def _encode(self, item):
+        prompt, columns = item
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        return {"prompt_ids": ids[-(self.max_length - self.room):], "prompt": prompt, "columns": columns}
+
+
+def collate_prompts(prompts, pad_id):
+    """A batch of prompts stays a list: the rollout pads them itself, and the rewards read their columns."""
+    return prompts
 
 
 def collate_preferences(pairs, pad_id):

@@ -17,9 +17,9 @@ class Logger:
     """metrics.jsonl, SwanLab, the progress bar and the console; only rank 0 writes anything. Throughput
     is measured over the steps since the last log line, training time only (evaluations and saves excluded)."""
 
-    def __init__(self, run, start_step, max_steps, model, stat_names):
+    def __init__(self, run, start_step, max_steps, model, mode):
         self.run, self.is_main, self.swanlab = run, run.is_main, None
-        self.max_steps, self.stat_names = max_steps, stat_names
+        self.max_steps, self.mode = max_steps, mode
         self.flops_per_token = model.flops_per_token(run.args.max_seq_len)
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.peak_flops = measure_matmul_flops(run.device, run.dtype)
@@ -45,6 +45,8 @@ class Logger:
         """Count a step's time and tokens; every --log_interval steps (and at the last), log them."""
         world_size = self.run.world_size
         self.interval_seconds += seconds
+        trained = result.loss is not None  # else a step with nothing to learn from, skipped
+        step_metrics = self.mode.step_metrics(result.stats, result.items, seconds) if trained else {}
         self.interval_tokens += result.tokens
         self.interval_positions += result.positions
         if self.is_main:
@@ -58,8 +60,7 @@ class Logger:
         if result.loss is not None:  # None: a step with nothing to learn from, skipped
             record.update(loss=round(result.loss, 6), lr=result.lr)
         record.update(tokens=progress.tokens_seen, trainable_params=self.trainable)
-        if result.loss is not None:
-            record.update({name: round(value / result.items, 6) for name, value in zip(self.stat_names, result.stats)})
+        record.update(step_metrics)
         record.update(elapsed_s=round(progress.elapsed(), 1), tokens_per_sec=round(tokens_per_sec, 1),
                       tokens_per_sec_per_device=round(tokens_per_sec / world_size, 1), mfu=round(mfu, 4))
         if result.loss is not None:

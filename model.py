@@ -246,8 +246,6 @@ class Transformer(nn.Module):
         decode_step = self.compiled_decode_step() if compile else self.decode
         logits = self.decode(input_ids, cache, prompt_lengths)  # the prompts, all at once
         for step in range(steps):
-            if step:
-                logits = decode_step(next_token[:, None], cache)
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos[0], next_token)
@@ -259,6 +257,8 @@ class Transformer(nn.Module):
             if eos_token_id is not None and bool(done.all()):
                 new = new[:, :step + 1]
                 break
+            if step + 1 < steps:
+                logits = decode_step(next_token[:, None], cache)
         self.train(was_training)
         return new
 

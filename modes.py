@@ -2,18 +2,19 @@
 
 The loop knows a mode only through this interface (class Mode):
 
-    batches = mode.step_batches()                  the micro-batches of the next optimizer step
+    batches = mode.step_batches(step)              the micro-batches of the next optimizer step
     tokens, items = mode.count(batch)              its labelled tokens, and the items the loss averages over
     loss, stats = mode.loss(model, batch, items)   the loss of one micro-batch: its share of the step's
+    metrics = mode.step_metrics(stats, items, s)   what the log records of the step besides its loss
     record, message = mode.validate(model)         held-out metrics, at each evaluation
 
 and gives every mode gradient accumulation, DDP and FSDP, LoRA, mixed precision, exact resume, stop
 signals, bad-input handling, logging and evaluation. To add a mode: subclass Mode, name it, add its options
 (add_arguments, check_arguments), implement the four methods (and state_dict/load_state_dict if it keeps
-state of its own between steps), and list it in MODES.
+state of its own between steps), and list it in train_model.MODES.
 
 Here: LanguageModel (pretraining and SFT: cross-entropy of the labelled tokens) and DPO (preference pairs
-against a frozen reference).
+against a frozen reference); grpo.py holds GRPO.
 """
 import math
 import signal
@@ -52,10 +53,14 @@ class Mode:
         self.run, self.args, self.model = run, run.args, model
         self.samples_per_step = self.args.batch_size * self.args.accumulation_steps * run.world_size
 
-    def step_batches(self):
-        """The next step's micro-batches (dicts of tensors), accumulation_steps of them; fewer when the data
-        is used up, which ends the run."""
+    def step_batches(self, step):
+        """The micro-batches (dicts of tensors) of the step after `step`, accumulation_steps of them; fewer
+        when the data is used up, which ends the run."""
         raise NotImplementedError
+
+    def samples_drawn(self):
+        """Samples of the data the last step_batches took, on all processes: where a resumed run starts."""
+        return self.samples_per_step
 
     def count(self, batch):
         """(labelled tokens, items) of a micro-batch: tokens measure throughput, items weigh the loss."""
@@ -65,6 +70,11 @@ class Mode:
         """(loss, stats) of a micro-batch through `model` (the model as it trains: DDP, compiled...): the
         sum over its items divided by num_items, and the sums of stat_names over its items."""
         raise NotImplementedError
+
+    def step_metrics(self, stats, items, seconds):
+        """{name: value} the log records of a step besides its loss: by default each of stat_names per item.
+        stats: their sums over the step (all micro-batches and processes); seconds: the step's time."""
+        return {name: round(value / items, 6) for name, value in zip(self.stat_names, stats)}
 
     def validate(self, model):
         """(record, message parts) of held-out metrics, the same on every rank; ({}, []) when there is no
@@ -124,7 +134,7 @@ class DatasetMode(Mode):
                             pin_memory=run.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         return dataset, loader
 
-    def step_batches(self):
+    def step_batches(self, step):
         return [b for b in (next(self.batches, None) for _ in range(self.args.accumulation_steps)) if b is not None]
 
     def samples_per_epoch(self):
@@ -264,12 +274,17 @@ def token_byte_lengths(tokenizer):
     return lengths
 
 
-def sequence_log_probs(logits, labels):
-    """log p(labelled tokens) of each row: the sum over its tokens (labels aligned with the inputs)."""
+def per_token_log_probs(logits, labels):
+    """log p(token) at each labelled position (batch, seq - 1), 0 elsewhere; labels aligned with the inputs."""
     targets = labels[:, 1:]
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (targets != -100)).sum(-1)
+    return picked * (targets != -100)
+
+
+def sequence_log_probs(logits, labels):
+    """log p(labelled tokens) of each row: the sum over its tokens (labels aligned with the inputs)."""
+    return per_token_log_probs(logits, labels).sum(-1)
 
 
 class DPO(DatasetMode):
@@ -280,10 +295,9 @@ class DPO(DatasetMode):
     reward margin is r_chosen - r_rejected, and the reward accuracy the share of pairs where it is positive.
     Batches hold the chosen rows, then the rejected ones (dataset.collate_preferences).
 
-    The reference is the --init_from model, frozen: with LoRA, the model itself with its adapters disabled
-    (no second copy in memory). Held-out preference accuracy is the share of pairs where the model itself
-    gives the chosen answer the higher log-probability: unlike the rewards it means something before
-    training too, so DPO validates before its first step."""
+    The reference is the --init_from model, frozen (make_reference). Held-out preference accuracy is the
+    share of pairs where the model itself gives the chosen answer the higher log-probability: unlike the
+    rewards it means something before training too, so DPO validates before its first step."""
     dataset_class, collate_fn = PreferenceDataset, staticmethod(collate_preferences)
     stat_names = ("reward_margin", "reward_accuracy")
     val_names = ("loss", "pairs", "reward_margin", "reward_accuracy", "preference_accuracy")
@@ -304,19 +318,7 @@ class DPO(DatasetMode):
     def __init__(self, run, model, start_sample=0):
         super().__init__(run, model, start_sample)
         self.beta = self.args.dpo_beta
-        self.frozen = None if self.args.lora_rank else frozen_copy(self.args.init_from, run.device)
-
-    def reference(self, input_ids):
-        """The frozen reference model's logits; in eval mode, as a reference has no dropout."""
-        if self.frozen is not None:
-            return self.frozen(input_ids).logits
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with adapters_disabled(self.model):
-                return self.model(input_ids).logits
-        finally:
-            self.model.train(was_training)
+        self.reference = make_reference(self.args, model, run.device)
 
     def count(self, batch):
         return int((batch["labels"][:, 1:] != -100).sum()), batch["labels"].shape[0] // 2
@@ -361,17 +363,28 @@ def dpo_loss(logits, reference_log_probs, labels, beta, num_items):
     return -F.logsigmoid(margin).sum() / num_items, [margin.detach().sum(), (margin > 0).sum()]
 
 
+def make_reference(args, model, device):
+    """The frozen --init_from model, as a function of input ids to logits (in eval mode: a reference has no
+    dropout): a copy of it, or with LoRA the model itself with its adapters disabled (no second copy)."""
+    if not args.lora_rank:
+        frozen = frozen_copy(args.init_from, device)
+        return lambda input_ids: frozen(input_ids).logits
+
+    def reference(input_ids):
+        was_training = model.training
+        model.eval()
+        try:
+            with adapters_disabled(model):
+                return model(input_ids).logits
+        finally:
+            model.train(was_training)
+    return reference
+
+
 def frozen_copy(model_dir, device):
     """The model of model_dir, frozen and in eval mode: a reference or a teacher."""
     from model import Transformer
     return Transformer.from_pretrained(model_dir, dropout=0.0).to(device).eval().requires_grad_(False)
 
 
-MODES = {"pretrain": LanguageModel, "sft": LanguageModel, "dpo": DPO}
-
-
-def mode_arguments(parser):
-    """Every mode's own options, each added once."""
-    for mode_class in dict.fromkeys(MODES.values()):
-        mode_class.add_arguments(parser)
 

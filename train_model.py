@@ -40,9 +40,14 @@ from hardware import autocast, choose_dtype, warn_if_emulated
 from logger import Logger
 from lora import ADAPTER_DIR, LORA_TARGETS, add_lora, load_adapter, lora_target_names, write_adapter_dir
 from model import ModelConfig, Transformer
-from modes import MODES, all_reduce_sum, mode_arguments
+import rollout
+from grpo import GRPO
+from modes import DPO, LanguageModel, all_reduce_sum
 from recipes import (ADAMW_LEARNING_RATE, MUON_LEARNING_RATE, Recipe, choose_recipe, make_optimizers,
                      recipe_summary, set_learning_rates)
+
+
+MODES = {"pretrain": LanguageModel, "sft": LanguageModel, "dpo": DPO, "grpo": GRPO}
 
 
 def parse_args(argv=None):
@@ -51,7 +56,9 @@ def parse_args(argv=None):
     add_optimization_arguments(p)
     add_model_arguments(p)
     add_logging_arguments(p)
-    mode_arguments(p)
+    for mode_class in dict.fromkeys(MODES.values()):  # each mode's own options, once
+        mode_class.add_arguments(p)
+    rollout.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -415,6 +422,7 @@ class Training:
     exact_schedule: bool  # max_steps counted, not estimated
     logger: "Logger"
     val_loss: float | None = None
+    validation: str = "no validation lines"  # the last evaluation, in words
     checkpoint: str | None = None  # the checkpoint written at the last step, if any
 
 
@@ -428,7 +436,7 @@ def train(args):
             # Dropout masks and sampling depend only on (seed, step, rank): a resumed run draws the same.
             torch.manual_seed(args.seed + 1_000_003 * progress.step + t.run.rank)
             step_start = time.perf_counter()
-            batches = mode.step_batches()
+            batches = mode.step_batches(progress.step)
             tokens, items, data_ended, stopping = agree_on_step(t, batches, stop)
             if stopping:
                 stop_with_checkpoint(t, stop)
@@ -436,7 +444,7 @@ def train(args):
                 break  # on some rank: the incomplete last step is dropped everywhere
             result = train_step(t, batches, tokens, items)
             progress.step += 1
-            progress.samples_seen += mode.samples_per_step
+            progress.samples_seen += mode.samples_drawn()
             progress.tokens_seen += tokens
             t.logger.step_done(progress, result, time.perf_counter() - step_start)
             if progress.step % args.eval_interval == 0:
@@ -462,7 +470,7 @@ def set_up_training(args):
     progress = Progress.of(run.state)
     if run.is_main:
         remove_debris(args.out_dir)
-    logger = Logger(run, progress.step, max_steps, model, mode.stat_names)
+    logger = Logger(run, progress.step, max_steps, model, mode)
     logger.write(start_up_line(run, model, mode, max_steps, progress.step))
     return Training(run, model, parallel, mode, optimization, progress, max_steps, exact, logger)
 
@@ -574,6 +582,7 @@ def validate(t):
     if message:
         t.logger.log(record)
         t.logger.write(f"step {t.progress.step}: " + ", ".join(message))
+        t.validation = ", ".join(message)
     t.val_loss = record.get("val_loss", t.val_loss)
 
 
@@ -634,9 +643,7 @@ def finish(t):
         dist.barrier()
     t.logger.close()
     if run.is_main:
-        summary = "no validation lines" if t.val_loss is None else f"val_loss {t.val_loss:.4f}" + (
-            "" if run.mode == "dpo" else f" (perplexity {math.exp(t.val_loss):.2f})")  # DPO's is per pair
-        print(f"done: {progress.step} steps, {progress.tokens_seen / 1e6:.2f}M tokens, {summary}; "
+        print(f"done: {progress.step} steps, {progress.tokens_seen / 1e6:.2f}M tokens, {t.validation}; "
               f"model saved to {args.out_dir}/")
     return t.val_loss
 
