@@ -341,3 +341,34 @@ def test_two_processes_train_and_each_samples_its_own_groups(base_model, prompt_
     steps = steps_of(out)
     assert sorted(steps) == [1, 2] and all(math.isfinite(s["loss"]) for s in steps.values())
     assert "2 process(es)" in done.stdout and "4 samples" in done.stdout  # 2 prompts on each of 2 processes
+
+
+# --- the demo's data -----------------------------------------------------------------------------------------
+
+def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
+    """build_rl_data.py's files: SFT answers are rhyming poems of the form asked for; the held-out requests'
+    titles are in no training file and their phrasings in no training prompt."""
+    import gzip
+    from build_rl_data import HELD_OUT_PHRASINGS, TRAIN_PHRASINGS
+    from rewards import poem_form, poem_rhyme
+
+    def rows(name):
+        with gzip.open(os.path.join(REPO, "data", name), "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    sft, prompts = rows("sft_poem_forms.jsonl.gz"), rows("poem_form_prompts.jsonl.gz")
+    with open(os.path.join(REPO, "tasks", "poem_form.jsonl"), encoding="utf-8") as f:
+        held_out = [json.loads(line) for line in f]
+    assert len(sft) == len(prompts) == 4000 and len(held_out) == 200
+    for row in sft[:500]:
+        answer = row["messages"][-1]["content"]
+        asked = next((lines, chars) for (lines, chars), name in
+                     {(4, 5): "五言绝句", (4, 7): "七言绝句", (8, 5): "五言律诗", (8, 7): "七言律诗"}.items()
+                     if name in row["messages"][0]["content"])
+        assert poem_form([answer], [asked[0]], [asked[1]]) == [1.0] and poem_rhyme([answer], [asked[0]]) == [1.0]
+    training_text = "".join(json.dumps(r, ensure_ascii=False) for r in sft + prompts)
+    for name in ("sft_poetry.jsonl.gz", "pretrain_poetry.jsonl.gz", "dpo_poetry.jsonl.gz"):
+        training_text += "".join(json.dumps(r, ensure_ascii=False) for r in rows(name))
+    assert not [item["title"] for item in held_out if f"《{item['title']}》" in training_text]
+    assert not set(HELD_OUT_PHRASINGS) & set(TRAIN_PHRASINGS)
+    for item in held_out:
+        assert not any(p.split("{")[0] and item["request"].startswith(p.split("{")[0]) for p in TRAIN_PHRASINGS)

@@ -1,0 +1,112 @@
+"""Build the demo's data for the poem-form task (RL with verifiable rewards) from the shipped poems.
+
+    python build_rl_data.py                       (reads ../shared/data/pretrain_poetry.jsonl)
+
+The task: "write a 五言绝句 / 七言绝句 / 五言律诗 / 七言律诗 titled 《X》", answered by a poem of that form
+(4 or 8 lines of 5 or 7 characters; rewards.py), in rhyme. Three files, seeded (the same every time):
+- data/sft_poem_forms.jsonl.gz: form requests answered by a regular poem of the shipped sample (the first
+  20,000 documents) of the form asked for, under its own title, for SFT to teach the form first. Only poems
+  whose even lines rhyme by rewards.py's rule answer: SFT shows the craft it is asked to learn.
+- data/poem_form_prompts.jsonl.gz: GRPO's prompts, form requests on titles of the shipped sample, with the
+  columns the rewards read (lines, chars_per_line) and the title.
+- tasks/poem_form.jsonl: held-out requests for lm-eval (tasks/poem_form.yaml), on titles no training file
+  uses (from documents after the 40,000th), phrased in words no training prompt uses.
+The training phrasings and the held-out ones are disjoint lists below; so are the titles.
+"""
+import argparse
+import gzip
+import json
+import os
+import random
+import sys
+
+from build_eval_tasks import FIRST_HELD_OUT, SHIPPED_DOCUMENTS, read_corpus, write_jsonl
+from rewards import poem_lines, rhyme_score
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+FORMS = {(4, 5): "五言绝句", (4, 7): "七言绝句", (8, 5): "五言律诗", (8, 7): "七言律诗"}
+# The same forms as a held-out request may name them: abbreviations and descriptions.
+HELD_OUT_NAMES = {(4, 5): ["五绝", "四句五言诗"], (4, 7): ["七绝", "四句七言诗"], (8, 5): ["五律", "八句五言诗"],
+                  (8, 7): ["七律", "八句七言诗"]}
+TRAIN_PHRASINGS = [
+    "请写一首{form}，题目是《{title}》。", "以《{title}》为题，写一首{form}。", "写一首题为《{title}》的{form}。",
+    "请以《{title}》为题作{form}一首。", "你能写一首{form}吗？题目：《{title}》", "题目：《{title}》。体裁：{form}。",
+    "请创作一首{form}，题为《{title}》。", "《{title}》，请用{form}写出来。",
+]
+HELD_OUT_PHRASINGS = [
+    "来一首{form}，写《{title}》。", "帮我作首{form}，就叫《{title}》吧。", "我想读一首关于《{title}》的{form}。",
+    "试着用{form}的格律，吟咏《{title}》。",
+]
+
+
+def regular_form(lines):
+    """(lines, chars per line) of a regular poem of one of the four forms, or None."""
+    halves = poem_lines("\n".join(lines))
+    key = (len(halves), len(halves[0])) if halves else None
+    return key if key in FORMS and all(len(h) == key[1] for h in halves) else None
+
+
+def request(phrasing, form_name, title, lines, chars):
+    return {"messages": [{"role": "user", "content": phrasing.format(form=form_name, title=title)}],
+            "lines": lines, "chars_per_line": chars, "title": title}
+
+
+def build(corpus, sft_items, prompt_items, held_out_items, seed):
+    docs = read_corpus(corpus)
+    rng = random.Random(seed)
+    shipped = [doc for doc in docs[:SHIPPED_DOCUMENTS] if doc]
+    shipped_titles = {doc[0] for doc in docs[:FIRST_HELD_OUT] if doc}  # in a shipped file or quoted by SFT
+    poems = [(doc, form) for doc in shipped if (form := regular_form(doc[2]))]
+    rhyming = [(doc, form) for doc, form in poems if rhyme_score(poem_lines("\n".join(doc[2])), form[0]) == 1.0]
+    print(f"{len(poems)} regular poems of the four forms in the shipped sample, {len(rhyming)} of them rhyme")
+    rng.shuffle(rhyming)
+    sft = []
+    for (title, _, lines), (count, chars) in rhyming[:sft_items]:
+        asked = request(rng.choice(TRAIN_PHRASINGS), FORMS[count, chars], title, count, chars)
+        sft.append({"messages": asked["messages"] + [{"role": "assistant", "content": "\n".join(lines)}]})
+    titles = sorted({doc[0] for doc in shipped if len(doc[0]) <= 8})
+    prompts = []
+    for _ in range(prompt_items):
+        count, chars = rng.choice(sorted(FORMS))
+        prompts.append(request(rng.choice(TRAIN_PHRASINGS), FORMS[count, chars], rng.choice(titles), count, chars))
+    new_titles = sorted({doc[0] for doc in docs[FIRST_HELD_OUT:] if doc and len(doc[0]) <= 8} - shipped_titles)
+    rng.shuffle(new_titles)
+    held_out = []
+    for i, title in enumerate(new_titles[:held_out_items]):
+        count, chars = sorted(FORMS)[i % 4]
+        item = request(rng.choice(HELD_OUT_PHRASINGS), rng.choice(HELD_OUT_NAMES[count, chars]), title, count,
+                       chars)
+        held_out.append({"request": item["messages"][0]["content"], "lines": count, "chars_per_line": chars,
+                         "title": title})
+    return sft, prompts, held_out
+
+
+def write_gzip_jsonl(path, records):
+    with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime 0: the same bytes every time
+        for record in records:
+            f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=os.path.join(REPO, "..", "shared", "data", "pretrain_poetry.jsonl"),
+                   help="the full pretraining corpus whose first 20,000 documents are data/pretrain_poetry")
+    p.add_argument("--data_dir", default=os.path.join(REPO, "data"))
+    p.add_argument("--tasks_dir", default=os.path.join(REPO, "tasks"))
+    p.add_argument("--sft_items", type=int, default=4000)
+    p.add_argument("--prompts", type=int, default=4000)
+    p.add_argument("--held_out", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.corpus):
+        sys.exit(f"error: {args.corpus} does not exist; pass --corpus (the full pretrain_poetry.jsonl)")
+    sft, prompts, held_out = build(args.corpus, args.sft_items, args.prompts, args.held_out, args.seed)
+    write_gzip_jsonl(os.path.join(args.data_dir, "sft_poem_forms.jsonl.gz"), sft)
+    write_gzip_jsonl(os.path.join(args.data_dir, "poem_form_prompts.jsonl.gz"), prompts)
+    write_jsonl(os.path.join(args.tasks_dir, "poem_form.jsonl"), held_out)
+    print(f"{len(sft)} SFT form requests, {len(prompts)} GRPO prompts, {len(held_out)} held-out requests")
+
+
+if __name__ == "__main__":
+    main()
+
