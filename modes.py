@@ -188,12 +188,17 @@ class LanguageModel(DatasetMode):
     val_names = ("nll", "tokens", "text_nll", "text_bytes")
 
     def __init__(self, run, model, start_sample=0):
-        self.sft = run.mode == "sft"
+        self.sft = self.on_conversations(run)
         self.dataset_class, self.collate_fn = (SFTDataset if self.sft else PretrainDataset), collate
         if run.args.token_cache and not self.sft:
             prepare_token_cache(run, self)
         super().__init__(run, model, start_sample)
         self.token_bytes = token_byte_lengths(run.tokenizer).to(run.device)
+
+    @staticmethod
+    def on_conversations(run):
+        """SFT conversations (labelled on the assistant's tokens), or text packed into blocks."""
+        return run.mode == "sft"
 
     def make_loader(self, split, start_sample=0):
         if self.sft:

@@ -41,13 +41,14 @@ from logger import Logger
 from lora import ADAPTER_DIR, LORA_TARGETS, add_lora, load_adapter, lora_target_names, write_adapter_dir
 from model import ModelConfig, Transformer
 import rollout
+from distill import Distill
 from grpo import GRPO
 from modes import DPO, LanguageModel, all_reduce_sum
 from recipes import (ADAMW_LEARNING_RATE, MUON_LEARNING_RATE, Recipe, choose_recipe, make_optimizers,
                      recipe_summary, set_learning_rates)
 
 
-MODES = {"pretrain": LanguageModel, "sft": LanguageModel, "dpo": DPO, "grpo": GRPO}
+MODES = {"pretrain": LanguageModel, "sft": LanguageModel, "dpo": DPO, "grpo": GRPO, "distill": Distill}
 
 
 def parse_args(argv=None):
@@ -71,8 +72,9 @@ def add_run_arguments(p):
                    help="validate on every record of these files (same forms) instead of every 200th of --data_path")
     p.add_argument("--tokenizer_path", default="custom_tokenizer")
     p.add_argument("--mode", choices=["auto", *MODES], default="auto",
-                   help="auto: sft when a --data_path name contains 'sft', dpo when it contains 'dpo'; dpo "
-                        "trains on preference pairs against the frozen --init_from model")
+                   help="auto: sft when a --data_path name contains 'sft', dpo when it contains 'dpo', else "
+                        "pretrain. dpo: preference pairs against the frozen --init_from model; grpo: RL with "
+                        "verifiable rewards (grpo.py); distill: a student learns a --teacher's distributions")
     p.add_argument("--init_from", default=None, help="model directory to start from (SFT on a base model)")
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the newest in out_dir")
     p.add_argument("--epochs", type=int, default=1)
