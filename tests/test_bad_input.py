@@ -5,7 +5,6 @@ positions. Whatever stops the run says so in one line, "error: ...", with no tra
 where it can be known up front. Most runs are in-process `train_model.main([...])` calls on the tiny
 model, caught as SystemExit; a few subprocesses check what a user really sees.
 """
-import json
 import os
 import re
 import shutil
@@ -17,8 +16,8 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, TOKENIZER_DIR, preference_pairs, run_main,
-                      shipped_lines, tiny_config, write_jsonl)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, TOKENIZER_DIR, preference_pairs, read_metrics,
+                      run_main, shipped_lines, tiny_config, write_jsonl)
 
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--save_interval", "0"]
@@ -270,8 +269,7 @@ def test_long_sft_conversation_is_truncated_and_trains(tmp_path, tokenizer, capf
     assert run_main(train_argv(path, out, "--max_steps", "3")) is None
     printed = capfd.readouterr()
     assert "non-finite" not in printed.out + printed.err
-    with open(out / "metrics.jsonl") as f:
-        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
 
 
@@ -307,8 +305,7 @@ def test_a_step_with_nothing_to_learn_still_logs_evaluates_and_saves_when_due(tm
     out = tmp_path / "out"
     assert run_main(train_argv(path, out, "--max_steps", step + 1, "--log_interval", step,
                                "--eval_interval", step, "--save_interval", step)) is None
-    with open(out / "metrics.jsonl") as f:
-        at_step = [json.loads(line) for line in f if json.loads(line)["step"] == step]
+    at_step = [r for r in read_metrics(out) if r["step"] == step]
     assert any("val_loss" in r for r in at_step), at_step
     assert any("tokens_per_sec" in r and "loss" not in r for r in at_step), at_step  # no loss: nothing trained
     assert (out / f"checkpoint-{step}" / "training_state.pt").is_file()

@@ -20,8 +20,8 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, run_main, shipped_lines,
-                      write_jsonl)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, read_metrics, run_main,
+                      saved_weights, shipped_lines, step_losses, write_jsonl)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fast settings shared by every run: a tiny model, a learning rate large enough that every update shows in
@@ -33,19 +33,6 @@ FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_in
 
 def train_argv(data, out, *extra):
     return ["--data_path", data, "--out_dir", out, *FAST, *extra]
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_losses(out):
-    """{step: loss} of metrics.jsonl, checking that no step's loss was logged twice."""
-    records = [r for r in read_metrics(out) if "loss" in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"a step is logged twice in metrics.jsonl: {steps}"
-    return {r["step"]: r["loss"] for r in records}
 
 
 def checkpoint_dirs(out):
@@ -72,13 +59,8 @@ def load_checkpoint(path, step=None):
     return hf_model, state
 
 
-def weights(path):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
 def same_weights(a, b):
-    wa, wb = weights(a), weights(b)
+    wa, wb = saved_weights(a), saved_weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -166,7 +148,7 @@ def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrai
     for step in range(1, 5):
         assert losses[step] == pytest.approx(reference[step], abs=1.1e-6), \
             f"step {step}: resumed loss {losses[step]} != uninterrupted {reference[step]}"
-    wa, wb = weights(full), weights(resumed)
+    wa, wb = saved_weights(full), saved_weights(resumed)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=f"final weights differ: {name}")
 

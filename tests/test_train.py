@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, shipped_lines, tiny_config, write_jsonl
+from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, read_metrics, shipped_lines, tiny_config, write_jsonl
 from model import Transformer
 
 # --- the learning-rate schedule ------------------------------------------------------------------------
@@ -243,11 +243,6 @@ def test_resuming_with_another_optimizer_is_refused():
 
 
 # --- end to end: pretraining --------------------------------------------------------------------------
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
