@@ -12,8 +12,9 @@ import pytest
 from conftest import QUESTION, SYSTEM, running_server, when_idle, write_chatty_model
 
 CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on this machine: install Debian's "
-                                                         "`chromium` package (.ci/run does)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on this machine: install Debian's "
+                                                          "`chromium` package (.ci/run does)")]
 TIMEOUT_MS = 60_000
 
 

@@ -117,6 +117,7 @@ def test_tokenizer_samples_the_same_texts_from_shards(tmp_path, pretrain_records
         assert list(sample_texts([str(tmp_path / "shards")], budget)) == list(sample_texts([one_file], budget))
 
 
+@pytest.mark.slow
 def test_training_on_a_directory_of_shards_equals_one_file(tmp_path, pretrain_records):
     one_file = write_jsonl(tmp_path / "one.jsonl", pretrain_records)
     write_shards(tmp_path / "shards", pretrain_records)

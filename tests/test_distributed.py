@@ -28,6 +28,9 @@ import torch
 from conftest import (REPO, TINY_MODEL_ARGS, free_port, preference_pairs, read_metrics, saved_weights, shipped_lines,
                       step_losses, write_jsonl)
 
+# Every test reads runs of 2 torchrun ranks (the `runs` fixture): 3-4 minutes for the module on 2 cores.
+pytestmark = pytest.mark.slow
+
 TRAIN = os.path.join(REPO, "train_model.py")
 PROBE = os.path.join(REPO, "tests", "ddp_probe.py")
 BF16 = os.path.join(REPO, "tests", "forced_dtype.py")  # trains in bf16 autocast on CPU, as on a GPU

@@ -147,6 +147,7 @@ def scores_by_task(rows):
     return {(r["task"], r["metric"]): r["value"] for r in rows}
 
 
+@pytest.mark.slow
 def test_eval_equals_the_lm_eval_command_line(tmp_path, model_dir, tokenizer):
     """The same checkpoint and task files through `lm_eval run --model hf`, with <|endoftext|> as the
     prefix of empty contexts as eval.py passes it (acc_mutual_info scores each line after it alone):
@@ -206,6 +207,7 @@ def test_a_directory_that_is_not_our_model(tmp_path):
     assert error.startswith("error: ") and "not a Tiny-LLM model directory" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_unknown_task(model_dir):
     error = run_eval(["--model", model_dir, "--tasks", "poetry_author,no_such_task", "--limit", "1"])
     assert error.startswith("error: unknown task(s) no_such_task") and "\n" not in error
@@ -217,6 +219,7 @@ def test_data_file_with_no_valid_line(tmp_path, model_dir):
     assert error.startswith("error: ") and "bad.jsonl" in error and "no valid" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_task_whose_dataset_is_not_cached_with_no_network(tmp_path, model_dir):
     env = {**SUBPROCESS_ENV, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--model", model_dir,
@@ -228,6 +231,7 @@ def test_task_whose_dataset_is_not_cached_with_no_network(tmp_path, model_dir):
     assert last.startswith("error: ") and "not in the Hugging Face cache" in last
 
 
+@pytest.mark.slow
 def test_a_log_file_gets_the_table_without_progress_bars(tmp_path, model_dir):
     """`bash train.sh > log 2>&1`: each redraw of a progress bar would be a line of the log."""
     with open(tmp_path / "log", "w") as log:

@@ -123,9 +123,13 @@ RESUME_CASES = {
     "dpo": ("dpo", ["--init_from", "BASE"]),
     "dpo-lora": ("dpo", ["--init_from", "BASE", "--lora_rank", "4"]),
 }
+# The quick tier resumes the default pretraining run and DPO with LoRA (--init_from, adapters, a reference
+# model); the other cases are slow.
+QUICK_RESUME_CASES = {"pretrain", "dpo-lora"}
 
 
-@pytest.mark.parametrize("case", list(RESUME_CASES))
+@pytest.mark.parametrize("case", [case if case in QUICK_RESUME_CASES else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in RESUME_CASES])
 def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrain_file, sft_file, dpo_file,
                                                          base_model, monkeypatch):
     kind, extra = RESUME_CASES[case]
@@ -291,6 +295,7 @@ def signal_runs(tmp_path_factory):
                 r["proc"].wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SIGNAL_CASES))
 def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, signal_runs):
     r = signal_runs[case]
@@ -314,6 +319,7 @@ def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, sig
     assert sorted(step_losses(r["out"])) == list(range(1, SIGNAL_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_a_job_script_stops_after_a_signalled_run(tmp_path, pretrain_file):
     """train.sh runs its steps under `set -e`, as job scripts do: a training stopped by SIGTERM (sent to it
     alone, as `timeout` does) exits 143, so the script stops there instead of going on to its next step."""
@@ -373,6 +379,7 @@ def assert_every_checkpoint_loads(out):
     return checkpoints
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_every_checkpoint_loadable(tmp_path, pretrain_file):
     out = tmp_path / "out"
     argv = train_argv(pretrain_file, out, "--max_steps", "400", "--batch_size", "2", "--save_interval", "1",
@@ -414,6 +421,7 @@ def test_kill_9_during_saves_leaves_every_checkpoint_loadable(tmp_path, pretrain
     assert_every_checkpoint_loads(out)
 
 
+@pytest.mark.slow
 def test_kill_9_while_deleting_an_old_checkpoint(tmp_path, pretrain_file):
     """SIGKILL halfway through removing the oldest checkpoint (--save_total_limit): what remains under a
     checkpoint-N name must still be a complete checkpoint. tests/crash_during_save.py runs training and
@@ -505,8 +513,10 @@ def test_bad_steps_not_in_a_row_do_not_stop_the_run(tmp_path, pretrain_file, mon
 
 # --- memory (TINY_LLM_MEMORY_TESTS=1) --------------------------------------------------------------
 
-memory_test = pytest.mark.skipif(os.environ.get("TINY_LLM_MEMORY_TESTS") != "1",
-                                 reason="set TINY_LLM_MEMORY_TESTS=1: builds a 2 GB corpus, takes minutes")
+def memory_test(test):
+    skip = pytest.mark.skipif(os.environ.get("TINY_LLM_MEMORY_TESTS") != "1",
+                              reason="set TINY_LLM_MEMORY_TESTS=1: builds a 2 GB corpus, takes minutes")
+    return pytest.mark.slow(skip(test))
 
 
 def repeated_corpus(path, size):

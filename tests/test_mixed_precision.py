@@ -53,6 +53,7 @@ def train_in(dtype, data, out, monkeypatch, *extra):
     assert autocasts == [dtype], f"training ran autocast {autocasts}, not once in {dtype}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HALF))
 def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkeypatch, capsys):
     """4 steps in bf16 (fp16 + GradScaler) autocast: the losses and the validation loss of the float32 run
@@ -77,6 +78,7 @@ def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkey
         assert not state["scaler"]  # bf16 needs no loss scaling
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HALF))
 def test_resume_under_mixed_precision_equals_the_uninterrupted_run(name, float32_run, tmp_path, monkeypatch):
     """Resume from checkpoint-2 redoes steps 3 and 4 exactly: with fp16 the GradScaler's scale and growth
@@ -114,6 +116,7 @@ def test_dtype_auto_takes_native_bf16_else_float16(monkeypatch, major, expected)
     assert train_model.resolve_device_and_dtype(args)[1] == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_float16_run_goes_on_after_a_non_finite_step(float32_run, tmp_path, monkeypatch, capsys):
     """float16 turns the loss scaler on (on CPU too, forced here as on a T4 or V100). A step whose loss is
     NaN is skipped and the run goes on: after the skipped step's unscale_ the scaler must be updated, or

@@ -233,6 +233,7 @@ def test_kv_cache_logits_equal_the_full_forward(chain_model):
         assert cache.length.tolist() == [40, 40]
 
 
+@pytest.mark.slow
 def test_compiled_generate_equals_eager(chain_model):
     """generate(compile=True): the same tokens as eager, for a batch that stops on eos and for a second
     prompt length (one recompilation, with symbolic sizes); the same shapes again compile nothing."""
@@ -247,6 +248,7 @@ def test_compiled_generate_equals_eager(chain_model):
     assert torch.equal(again, model.generate(ids, 20, temperature=0, eos_token_id=eos))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

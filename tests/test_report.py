@@ -20,6 +20,7 @@ def runs(tmp_path_factory):
     return str(root / "a"), str(root / "b")
 
 
+@pytest.mark.slow
 def test_eval_tasks_scores_equal_eval_py_on_the_saved_model(runs, tmp_path):
     """The score logged at the last evaluation is eval.py's (lm-eval's) score of the final model."""
     import eval as evaluation
@@ -33,6 +34,7 @@ def test_eval_tasks_scores_equal_eval_py_on_the_saved_model(runs, tmp_path):
     assert not [r for r in read_metrics(runs[1]) if any("/" in k for k in r)]  # off by default
 
 
+@pytest.mark.slow
 def test_report_tables_and_plots_of_two_runs(runs, tmp_path):
     import report
     from PIL import Image

@@ -305,6 +305,7 @@ def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer, chain_mo
     assert scheduler.finished == {"stop": 1, "length": 1, "cancelled": 0, "error": 0}
 
 
+@pytest.mark.slow
 def test_bench_load_every_valid_request_answered_every_malformed_one_refused(served):
     """bench.py --serve's mixed load, small: valid requests answered in full, malformed ones a 4xx JSON
     error; the server ends idle (its speed figures are measured here, not asserted)."""

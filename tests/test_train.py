@@ -323,6 +323,7 @@ def test_token_cache_trains_exactly_like_streaming(pretrained, tmp_path):
     assert [r.get("loss") for r in read_metrics(out)] == [r.get("loss") for r in read_metrics(pretrained)]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(pretrained, tmp_path):
     """--compile (torch.compile of the model, forward and backward) trains the same run as eager: the
     same losses and validation to float tolerance, and a model directory that loads as usual."""
@@ -474,7 +475,8 @@ def test_generate_prints_only_the_new_text(pretrained, generate_to_capsys, capsy
     assert not out.startswith(prompt)
 
 
-@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile_flag", [[], pytest.param(["--compile"], marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 def test_generate_chat_with_prompt(pretrained, generate_to_capsys, capsys, compile_flag):
     from transformers import AutoTokenizer
     question = "请背诵《静夜思》。"
