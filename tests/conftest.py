@@ -1,10 +1,12 @@
-"""Shared fixtures: the shipped tokenizer, tiny model settings and small slices of the shipped data."""
+"""Shared fixtures and helpers: the shipped tokenizer, tiny model settings and models, small slices of the
+shipped data, reading what a run wrote, and a served tiny model."""
 import gzip
 import itertools
 import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -29,6 +31,47 @@ def tiny_config(vocab_size, **overrides):
     settings = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=128)
     settings.update(overrides)
     return ModelConfig(**settings)
+
+
+def write_tiny_model(path, tokenizer, seed=0, edit=None, **config):
+    """A complete model directory as train_model.py writes it (weights, config, tokenizer, generation
+    config) of the tiny architecture (tiny_config's settings with `config`'s overrides), initialised from
+    `seed`; `edit(model)`, if given, changes the weights first."""
+    from checkpoints import write_model_dir
+    from model import Transformer
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(len(tokenizer), **config))
+    if edit is not None:
+        edit(model)
+    write_model_dir(str(path), model.eval(), model.state_dict(), tokenizer)
+    return str(path)
+
+
+def train_until_learnt(model, batches, shortfall, max_steps, lr=5e-3):
+    """Train `model` with AdamW on `batches` (token id tensors, each its own labels) until `shortfall(model)`,
+    checked before every step, returns None; if max_steps do not suffice, fail with the last training loss
+    and what shortfall returned. Returns the model in eval mode.
+
+    Not a fixed number of steps: how many a model needs depends on the CPU's kernels, and a count that
+    suffices on one CPU can leave the model short of it on another."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    batches, loss = iter(batches), None
+    for step in range(max_steps + 1):
+        model.eval()
+        with torch.no_grad():
+            missing = shortfall(model)
+        if missing is None:
+            return model
+        if step == max_steps:
+            break
+        model.train()
+        ids = next(batches)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pytest.fail(f"the model has not learnt what the test needs after {max_steps} steps (training loss "
+                f"{loss.item():.4f} at the last): {missing}")
 
 
 def write_jsonl(path, records):
@@ -105,6 +148,26 @@ def restore_signal_handlers():
         signal.signal(sig, handler)
 
 
+def read_metrics(out_dir):
+    """The records of out_dir/metrics.jsonl, in order."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    """{step: loss} of metrics.jsonl, checking that no step's loss was logged twice."""
+    records = [r for r in read_metrics(out_dir) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step is logged twice in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def saved_weights(path):
+    """{name: tensor} of path/model.safetensors."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
 def run_main(argv, module="train_model"):
     """module.main(argv) in this process; the SystemExit code (an "error: ..." string) or None."""
     import importlib
@@ -142,3 +205,119 @@ def nan_loss_at(steps):
         if step in steps:
             output.loss = output.loss * float("nan")
     return corrupt
+
+
+# --- a tiny model that has learnt a cycle of tokens (test_model.py, test_serve.py) ---------------------
+
+CHAIN = 32  # tokens in the cycle
+
+
+def _chain(vocab_size, seed=0):
+    """A fixed random cycle through CHAIN tokens: each token's successor is the next one of the cycle."""
+    pool = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:CHAIN].tolist()
+    return pool, {t: pool[(i + 1) % CHAIN] for i, t in enumerate(pool)}
+
+
+def successor_batches(vocab_size, batch=8, seq=32, seed=0):
+    """Endless batches of sequences that follow the cycle, so the trained model has something to learn and
+    greedy generation (from prompts on the cycle) is not one repeated token."""
+    g = torch.Generator().manual_seed(seed)
+    pool, successor = _chain(vocab_size)
+    while True:
+        rows = []
+        for start in torch.randint(CHAIN, (batch,), generator=g).tolist():
+            row = [pool[start]]
+            for _ in range(seq - 1):
+                row.append(successor[row[-1]])
+            rows.append(row)
+        ids = torch.tensor(rows)
+        # Some noise, so that every token's embedding gets some gradient too.
+        noise = torch.rand(ids.shape, generator=g) < 0.1
+        yield torch.where(noise, torch.randint(vocab_size, ids.shape, generator=g), ids)
+
+
+def chain_prompts(vocab_size, starts, length):
+    """Prompts of `length` tokens along the training cycle, one per start position."""
+    pool, _ = _chain(vocab_size)
+    return torch.tensor([[pool[(s + i) % CHAIN] for i in range(length)] for s in starts])
+
+
+def chain_shortfall(model):
+    """None once every token of the cycle, in a clean run twice round it, has its successor as the most
+    likely next token by a logit margin of 1 (greedy decoding then does not hinge on rounding, half
+    precision included); else the smallest margin."""
+    pool, _ = _chain(model.config.vocab_size)
+    ids = torch.tensor([pool * 2 + pool[:1]])
+    logits = model(ids).logits[0, :-1]
+    targets = ids[0, 1:]
+    right = logits.gather(1, targets[:, None])[:, 0]
+    best_other = logits.scatter(1, targets[:, None], float("-inf")).max(-1).values
+    margin = (right - best_other).min().item()
+    return None if margin > 1 else f"the successor leads the other tokens by a logit margin of {margin:.3f} at worst"
+
+
+def load_hf(model_dir):
+    """model_dir in transformers' stock LlamaForCausalLM (no trust_remote_code), as an oracle that does
+    not stop at an eos token of its own choosing (LlamaConfig has defaults)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.bos_token_id = None
+    return hf
+
+
+def hf_greedy(hf, ids, n):
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="session")
+def chain_model(tokenizer, tmp_path_factory):
+    """(model, its save_pretrained directory, that directory in transformers): the tiny architecture
+    trained until it has learnt the cycle. Tests must not change it."""
+    from model import Transformer
+    torch.manual_seed(1234)
+    model = Transformer(tiny_config(len(tokenizer)))
+    train_until_learnt(model, successor_batches(model.config.vocab_size), chain_shortfall, max_steps=300)
+    model_dir = str(tmp_path_factory.mktemp("chain_model"))
+    model.save_pretrained(model_dir)
+    return model, model_dir, load_hf(model_dir)
+
+
+# --- serve.py on a tiny model (test_serve.py, test_chat_page.py) ---------------------------------------
+
+SYSTEM, QUESTION = "你是一个诗人。", "请背诵《静夜思》"
+
+
+def write_chatty_model(path, tokenizer, max_seq_len, seed=0):
+    """A tiny random model as train_model.py writes it. Its matrices are scaled up 8x: a fresh init repeats
+    one token, while these weights give varied text, with large margins between the best tokens (greedy
+    decoding does not hinge on rounding) and no end token within the first 1,000 tokens (checked)."""
+    def scale_matrices(model):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.mul_(8)
+    return write_tiny_model(path, tokenizer, seed=seed, edit=scale_matrices, max_seq_len=max_seq_len)
+
+
+def running_server(model_dir, log_path, *args):
+    """`python serve.py` on a free port of 127.0.0.1 (bench.py's way): yields (process, base URL)."""
+    from benchmarks.serving import running_server as start
+    return start(model_dir, log_path, "--device", "cpu", *args, env=SUBPROCESS_ENV)
+
+
+def health(url):
+    import httpx
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def when_idle(url):
+    """/health once no request is running (waiting at most 30 s: a bound, not a speed test)."""
+    deadline = time.monotonic() + 30
+    while health(url)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health(url)

@@ -70,6 +70,7 @@ def test_flops_per_token_by_hand(tokenizer):
     assert hf_race.mfu(train)["mfu"] == pytest.approx({"ours": expected * 1e-6, "hf": expected * 5e-7})
 
 
+@pytest.mark.slow
 def test_the_generation_methods_give_the_same_tokens(tokenizer):
     device = torch.device("cpu")
     ours, hf = hf_race.ours_and_hf(tiny_config(len(tokenizer)), device, seed=0, init=hf_race.natural_scale_init)
@@ -96,6 +97,7 @@ def test_race_alternates_and_keeps_the_first_outputs():
     assert {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3} and first == {"a": 3, "b": 4}
 
 
+@pytest.mark.slow
 def test_quick_json_run_reports_every_section(pretrain_file, capsys, monkeypatch):
     peak_calls = []
 
@@ -145,6 +147,7 @@ def test_matmul_floors_do_the_models_weight_matmuls_and_nothing_else(tokenizer):
         assert counter.get_total_flops() == expected
 
 
+@pytest.mark.slow
 def test_each_section_prints_as_it_is_measured_and_a_failure_spares_the_others(pretrain_file, capsys,
                                                                               monkeypatch):
     """A GPU run must leave numbers behind: rows go out as each section ends, and a section that raises
@@ -200,6 +203,7 @@ def test_time_to_reach_interpolates_between_evaluations():
     assert speedrun.time_to_reach(points, 1.0) is None
 
 
+@pytest.mark.slow
 def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp_path, capsys):
     results = bench.main(["--speedrun", "adamw-cosine,muon-wsd", "--quick", "--json", "--data_path", pretrain_file,
                           "--tokenizer_path", TOKENIZER_DIR, "--speedrun_dir", str(tmp_path)])
@@ -215,6 +219,7 @@ def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp
     assert results["time_ratio"] == pytest.approx(times["muon-wsd"] / times["adamw-cosine"])
 
 
+@pytest.mark.slow
 def test_quick_trl_race_starts_from_the_same_losses_as_trl(capsys):
     """TRL is the oracle: on the same weights and batch, its SFTTrainer (assistant_only_loss), DPOTrainer and
     SFTTrainer + PEFT compute the first step's loss (and DPO's log-probabilities) that ours do."""

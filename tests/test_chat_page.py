@@ -9,18 +9,19 @@ import shutil
 import openai
 import pytest
 
-from test_serve import QUESTION, SYSTEM, running_server, when_idle, write_chatty_model
+from conftest import QUESTION, SYSTEM, running_server, when_idle, write_chatty_model
 
 CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on this machine: install Debian's "
-                                                         "`chromium` package (.ci/run does)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on this machine: install Debian's "
+                                                          "`chromium` package (.ci/run does)")]
 TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tokenizer):
     # 2,048 positions: an answer runs long enough to be stopped half-way.
-    model_dir = write_chatty_model(tmp_path_factory.mktemp("page") / "tiny-chat", max_seq_len=2048)
+    model_dir = write_chatty_model(tmp_path_factory.mktemp("page") / "tiny-chat", tokenizer, max_seq_len=2048)
     with running_server(model_dir, tmp_path_factory.mktemp("log") / "serve.log") as (_, url):
         yield url
 

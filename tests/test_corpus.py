@@ -17,7 +17,7 @@ import torch
 
 import corpus
 import token_cache
-from conftest import TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
+from conftest import TINY_MODEL_ARGS, read_metrics, run_main, shipped_lines, write_jsonl
 from corpus import data_files, read_records
 from dataset import PretrainDataset, SFTDataset
 from token_cache import build_token_cache
@@ -117,6 +117,7 @@ def test_tokenizer_samples_the_same_texts_from_shards(tmp_path, pretrain_records
         assert list(sample_texts([str(tmp_path / "shards")], budget)) == list(sample_texts([one_file], budget))
 
 
+@pytest.mark.slow
 def test_training_on_a_directory_of_shards_equals_one_file(tmp_path, pretrain_records):
     one_file = write_jsonl(tmp_path / "one.jsonl", pretrain_records)
     write_shards(tmp_path / "shards", pretrain_records)
@@ -126,8 +127,7 @@ def test_training_on_a_directory_of_shards_equals_one_file(tmp_path, pretrain_re
         argv = ["--out_dir", out, *TINY_MODEL_ARGS, "--max_steps", "3", "--batch_size", "4", "--log_interval", "1",
                 "--eval_interval", "1000", "--eval_batches", "1", "--save_interval", "0", "--data_path", *data]
         assert run_main(argv) is None
-        with open(out / "metrics.jsonl") as f:
-            return [json.loads(line) for line in f]
+        return read_metrics(out)
 
     expected = losses([one_file], "one")
     assert [r["step"] for r in expected] == [1, 2, 3, 3]  # three steps, then the final validation

@@ -460,8 +460,9 @@ def test_estimate_for_a_large_gzipped_file(tokenizer, tmp_path):
 def test_sft_batches_come_in_random_order_not_short_to_long(tokenizer, tmp_path):
     """Sorted windows trained short to long end each window on the longest answers, which swings the
     model's estimate of where answers end: the batches of a window come in a seeded random order."""
-    path = write_jsonl(tmp_path / "sft.jsonl", shipped_lines("sft_poetry.jsonl.gz", 1100))
-    per_epoch, batches_per_window = len(train_lines(range(1100))), 8
+    # 300 lines: two windows of 8 batches of 16 and part of a third in each epoch.
+    path = write_jsonl(tmp_path / "sft.jsonl", shipped_lines("sft_poetry.jsonl.gz", 300))
+    per_epoch, batches_per_window = len(train_lines(range(300))), 8
 
     def epochs_of_batches(seed):
         """Per epoch, the batches (as lists of sample lengths) of the first window."""

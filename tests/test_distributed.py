@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, preference_pairs, shipped_lines, write_jsonl
+from benchmarks.common import free_port
+from conftest import (REPO, TINY_MODEL_ARGS, preference_pairs, read_metrics, saved_weights, shipped_lines,
+                      step_losses, write_jsonl)
+
+# Every test reads runs of 2 torchrun ranks (the `runs` fixture): 3-4 minutes for the module on 2 cores.
+pytestmark = pytest.mark.slow
 
 TRAIN = os.path.join(REPO, "train_model.py")
 PROBE = os.path.join(REPO, "tests", "ddp_probe.py")
@@ -131,11 +135,10 @@ class Run:
         return self
 
     def metrics(self):
-        with open(os.path.join(self.out_dir, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f]
+        return read_metrics(self.out_dir)
 
     def losses(self):
-        return {r["step"]: r["loss"] for r in self.metrics() if "loss" in r}
+        return step_losses(self.out_dir)
 
     def val_loss(self):
         values = [r["val_loss"] for r in self.metrics() if "val_loss" in r]
@@ -143,8 +146,7 @@ class Run:
         return values[0]
 
     def weights(self, sub=""):
-        from safetensors.torch import load_file
-        return load_file(os.path.join(self.out_dir, sub, "model.safetensors"))
+        return saved_weights(os.path.join(self.out_dir, sub))
 
 
 def descendants(pid):
@@ -220,12 +222,6 @@ def launch(name, nproc, argv, script, out_dir, log_dir, timeout=RUN_TIMEOUT, sig
                 open(os.path.join(os.path.dirname(path), "stderr.log"), errors="replace") as g:
             rank_logs[rank] = (f.read(), g.read())
     return Run(name, out_dir, proc.returncode, output, rank_logs, time.monotonic() - start, timed_out)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two_nodes(name, argv, node_dir, log_dir, timeout=RUN_TIMEOUT):

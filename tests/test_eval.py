@@ -11,8 +11,8 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, tiny_config,
-                      write_jsonl)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, read_metrics, run_main, shipped_lines, write_jsonl,
+                      write_tiny_model)
 
 TASKS_DIR = os.path.join(REPO, "tasks")
 CONTEXT = 128  # positions of the test model: the longest bundled item takes about 100 tokens
@@ -21,13 +21,7 @@ CONTEXT = 128  # positions of the test model: the longest bundled item takes abo
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     """A complete model directory (weights, tokenizer) of the tiny architecture with CONTEXT positions."""
-    from model import Transformer
-    from checkpoints import write_model_dir
-    path = str(tmp_path_factory.mktemp("eval") / "model")
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(len(tokenizer), max_seq_len=CONTEXT))
-    write_model_dir(path, model, model.state_dict(), tokenizer)
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("eval") / "model", tokenizer, max_seq_len=CONTEXT)
 
 
 run_eval = partial(run_main, module="eval")  # eval.main(argv) in this process: the SystemExit message, or None
@@ -56,11 +50,6 @@ def test_token_byte_lengths_add_up_to_the_texts_utf8_bytes(tokenizer):
         assert table[tokenizer.convert_tokens_to_ids(token)] == 0
 
 
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_pretrain_val_bpb_equals_llama_for_causal_lm(tmp_path, tokenizer):
     """val_bpb over the validation blocks equals bpb from transformers on the saved model: every 200th
     document, each followed by <|endoftext|>, packed into blocks of 64 tokens; <|endoftext|> targets
@@ -73,7 +62,7 @@ def test_pretrain_val_bpb_equals_llama_for_causal_lm(tmp_path, tokenizer):
     assert run_main(["--out_dir", out, "--data_path", data, *TINY_MODEL_ARGS, "--batch_size", "4",
                      "--max_steps", "2", "--eval_interval", "2", "--eval_batches", "2",
                      "--save_interval", "0"]) is None
-    logged = [r for r in metrics(out) if "val_bpb" in r][-1]
+    logged = [r for r in read_metrics(out) if "val_bpb" in r][-1]
     assert {"tokens", "elapsed_s", "val_loss"} <= set(logged)
 
     end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -108,7 +97,7 @@ def test_sft_val_bpb_equals_llama_for_causal_lm(tmp_path, tokenizer):
     assert run_main(["--out_dir", out, "--data_path", data, *TINY_MODEL_ARGS, "--max_seq_len", "128",
                      "--batch_size", "4", "--max_steps", "2", "--eval_interval", "2",
                      "--save_interval", "0"]) is None
-    logged = [r for r in metrics(out) if "val_bpb" in r][-1]
+    logged = [r for r in read_metrics(out) if "val_bpb" in r][-1]
 
     hf = LlamaForCausalLM.from_pretrained(str(out)).eval()
     nll_all = nll_text = n_bytes = count = 0.0
@@ -158,6 +147,7 @@ def scores_by_task(rows):
     return {(r["task"], r["metric"]): r["value"] for r in rows}
 
 
+@pytest.mark.slow
 def test_eval_equals_the_lm_eval_command_line(tmp_path, model_dir, tokenizer):
     """The same checkpoint and task files through `lm_eval run --model hf`, with <|endoftext|> as the
     prefix of empty contexts as eval.py passes it (acc_mutual_info scores each line after it alone):
@@ -217,6 +207,7 @@ def test_a_directory_that_is_not_our_model(tmp_path):
     assert error.startswith("error: ") and "not a Tiny-LLM model directory" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_unknown_task(model_dir):
     error = run_eval(["--model", model_dir, "--tasks", "poetry_author,no_such_task", "--limit", "1"])
     assert error.startswith("error: unknown task(s) no_such_task") and "\n" not in error
@@ -228,6 +219,7 @@ def test_data_file_with_no_valid_line(tmp_path, model_dir):
     assert error.startswith("error: ") and "bad.jsonl" in error and "no valid" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_task_whose_dataset_is_not_cached_with_no_network(tmp_path, model_dir):
     env = {**SUBPROCESS_ENV, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--model", model_dir,
@@ -239,6 +231,7 @@ def test_task_whose_dataset_is_not_cached_with_no_network(tmp_path, model_dir):
     assert last.startswith("error: ") and "not in the Hugging Face cache" in last
 
 
+@pytest.mark.slow
 def test_a_log_file_gets_the_table_without_progress_bars(tmp_path, model_dir):
     """`bash train.sh > log 2>&1`: each redraw of a progress bar would be a line of the log."""
     with open(tmp_path / "log", "w") as log:

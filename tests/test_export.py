@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOKENIZER_DIR, tiny_config
+from conftest import write_tiny_model
 
 OUTTYPES = ["f32", "f16", "q8_0"]
 LLAMA_BLOCK_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
@@ -25,23 +25,16 @@ TEXT = ("《静夜思》 李白\n床前明月光，疑是地上霜。 😀🎉 �
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, tokenizer):
     """A tiny model directory as train_model.py writes it, with random norms and a rope theta and norm
     eps that are not the defaults (a value the export ignored would show)."""
-    from transformers import AutoTokenizer
-
-    from model import Transformer
-    from checkpoints import write_model_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(len(tokenizer), rope_theta=50000.0, norm_eps=1e-6))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.5 * torch.randn(p.shape))
-    path = str(tmp_path_factory.mktemp("export") / "tiny")
-    write_model_dir(path, model, model.state_dict(), tokenizer)
-    return path
+    def randomise_norms(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.copy_(1 + 0.5 * torch.randn(p.shape))
+    return write_tiny_model(tmp_path_factory.mktemp("export") / "tiny", tokenizer, edit=randomise_norms,
+                            rope_theta=50000.0, norm_eps=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +97,11 @@ def test_tensors_have_llama_cpp_names_shapes_and_types(exported, model_dir, outt
         assert dequantized(tensor).shape == source.shape, name
 
 
-def test_q8_0_keeps_f16_for_rows_that_do_not_split_into_blocks_of_32(tmp_path):
+def test_q8_0_keeps_f16_for_rows_that_do_not_split_into_blocks_of_32(tmp_path, tokenizer):
     """q8_0 quantises blocks of 32 along a row; a matrix with rows of another length stays f16 (width 48:
     every matrix but ffn_down, whose rows are 128 long)."""
     import export_gguf
-    from transformers import AutoTokenizer
-
-    from model import Transformer
-    from checkpoints import write_model_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    model = Transformer(tiny_config(len(tokenizer), dim=48, n_layers=1))
-    write_model_dir(str(tmp_path / "m"), model, model.state_dict(), tokenizer)
+    write_tiny_model(tmp_path / "m", tokenizer, dim=48, n_layers=1)
     export_gguf.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf"), "--outtype", "q8_0"])
     types = {t.name: t.tensor_type.name for t in read(str(tmp_path / "m.gguf")).tensors}
     assert types.pop("blk.0.ffn_down.weight") == "Q8_0"

@@ -6,13 +6,15 @@ must stop where transformers' `generate` stops for the same model (generation_co
 """
 import contextlib
 import io
+import itertools
 import json
+import math
 import os
 
 import pytest
 import torch
 
-from conftest import TOKENIZER_DIR, tiny_config
+from conftest import train_until_learnt, write_tiny_model
 
 COMPLETION_PROMPT, COMPLETION = "春眠不觉晓，", "处处闻啼鸟。"  # learnt to end with <|im_end|>
 QUESTION, ANSWER = "请背诵《静夜思》。", "床前明月光"  # learnt to end with <|endoftext|>
@@ -31,26 +33,25 @@ def _learnt_sequences(tokenizer):
     return completion, chat
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny model trained until it says both sequences, saved by checkpoints.write_model_dir."""
-    from transformers import AutoTokenizer
+def _shortfall(rows):
+    """What the model lacks to have learnt rows: None once each of their next tokens has a probability
+    above 3/4 (a loss under 0.29), so that greedy decoding from either prompt says the learnt text by a
+    margin that rounding does not overturn; else the losses reached."""
+    def shortfall(model):
+        logits = model(rows).logits[:, :-1]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+        worst = losses.max().item()
+        return None if worst < -math.log(0.75) else f"mean loss {losses.mean():.4f}, worst token's {worst:.4f}"
+    return shortfall
 
-    from model import Transformer
-    from checkpoints import write_model_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny model trained until it says both sequences, saved by checkpoints.write_model_dir."""
     completion, chat = _learnt_sequences(tokenizer)
     rows = torch.tensor([completion + chat, chat + completion])
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(len(tokenizer)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(60):
-        model(rows, labels=rows).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    path = str(tmp_path_factory.mktemp("generate") / "model")
-    write_model_dir(path, model.eval(), model.state_dict(), tokenizer)
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("generate") / "model", tokenizer, edit=lambda model:
+                            train_until_learnt(model, itertools.repeat(rows), _shortfall(rows), max_steps=500))
 
 
 @pytest.fixture(scope="module")

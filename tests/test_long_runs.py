@@ -20,8 +20,8 @@ import time
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, run_main, shipped_lines,
-                      write_jsonl)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, read_metrics, run_main,
+                      saved_weights, shipped_lines, step_losses, write_jsonl)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Fast settings shared by every run: a tiny model, a learning rate large enough that every update shows in
@@ -33,19 +33,6 @@ FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_in
 
 def train_argv(data, out, *extra):
     return ["--data_path", data, "--out_dir", out, *FAST, *extra]
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_losses(out):
-    """{step: loss} of metrics.jsonl, checking that no step's loss was logged twice."""
-    records = [r for r in read_metrics(out) if "loss" in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"a step is logged twice in metrics.jsonl: {steps}"
-    return {r["step"]: r["loss"] for r in records}
 
 
 def checkpoint_dirs(out):
@@ -72,13 +59,8 @@ def load_checkpoint(path, step=None):
     return hf_model, state
 
 
-def weights(path):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
 def same_weights(a, b):
-    wa, wb = weights(a), weights(b)
+    wa, wb = saved_weights(a), saved_weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -141,9 +123,13 @@ RESUME_CASES = {
     "dpo": ("dpo", ["--init_from", "BASE"]),
     "dpo-lora": ("dpo", ["--init_from", "BASE", "--lora_rank", "4"]),
 }
+# The quick tier resumes the default pretraining run and DPO with LoRA (--init_from, adapters, a reference
+# model); the other cases are slow.
+QUICK_RESUME_CASES = {"pretrain", "dpo-lora"}
 
 
-@pytest.mark.parametrize("case", list(RESUME_CASES))
+@pytest.mark.parametrize("case", [case if case in QUICK_RESUME_CASES else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in RESUME_CASES])
 def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrain_file, sft_file, dpo_file,
                                                          base_model, monkeypatch):
     kind, extra = RESUME_CASES[case]
@@ -166,7 +152,7 @@ def test_resume_logs_the_losses_of_the_uninterrupted_run(case, tmp_path, pretrai
     for step in range(1, 5):
         assert losses[step] == pytest.approx(reference[step], abs=1.1e-6), \
             f"step {step}: resumed loss {losses[step]} != uninterrupted {reference[step]}"
-    wa, wb = weights(full), weights(resumed)
+    wa, wb = saved_weights(full), saved_weights(resumed)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0, msg=f"final weights differ: {name}")
 
@@ -309,6 +295,7 @@ def signal_runs(tmp_path_factory):
                 r["proc"].wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SIGNAL_CASES))
 def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, signal_runs):
     r = signal_runs[case]
@@ -332,6 +319,7 @@ def test_signal_saves_a_checkpoint_and_prints_a_working_resume_command(case, sig
     assert sorted(step_losses(r["out"])) == list(range(1, SIGNAL_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_a_job_script_stops_after_a_signalled_run(tmp_path, pretrain_file):
     """train.sh runs its steps under `set -e`, as job scripts do: a training stopped by SIGTERM (sent to it
     alone, as `timeout` does) exits 143, so the script stops there instead of going on to its next step."""
@@ -391,6 +379,7 @@ def assert_every_checkpoint_loads(out):
     return checkpoints
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_every_checkpoint_loadable(tmp_path, pretrain_file):
     out = tmp_path / "out"
     argv = train_argv(pretrain_file, out, "--max_steps", "400", "--batch_size", "2", "--save_interval", "1",
@@ -432,20 +421,24 @@ def test_kill_9_during_saves_leaves_every_checkpoint_loadable(tmp_path, pretrain
     assert_every_checkpoint_loads(out)
 
 
+@pytest.mark.slow
 def test_kill_9_while_deleting_an_old_checkpoint(tmp_path, pretrain_file):
     """SIGKILL halfway through removing the oldest checkpoint (--save_total_limit): what remains under a
     checkpoint-N name must still be a complete checkpoint. tests/crash_during_save.py runs training and
-    kills itself after removing the first file of a checkpoint directory being deleted."""
+    kills it once it has removed the first file of a complete checkpoint, whatever removes it."""
     out = tmp_path / "out"
     argv = train_argv(pretrain_file, out, "--max_steps", "4", "--batch_size", "2", "--save_interval", "1",
                       "--save_total_limit", "1")
     helper = os.path.join(os.path.dirname(__file__), "crash_during_save.py")
     proc = subprocess.run([sys.executable, helper, *map(str, argv)], cwd=REPO, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=300)
-    if proc.returncode == 0:
-        pytest.skip("old checkpoints are not removed with shutil.rmtree: nothing to interrupt")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert_every_checkpoint_loads(out)
+    killed = re.search(r"^killed while deleting (.+)$", proc.stderr, re.MULTILINE)
+    assert proc.returncode == -signal.SIGKILL and killed, \
+        f"training was not killed while deleting a checkpoint (exit {proc.returncode}): with --save_total_limit 1, " \
+        f"saving checkpoint-2 must delete checkpoint-1, and its files go through os.unlink or os.remove\n" + \
+        proc.stderr[-3000:]
+    assert os.path.basename(killed.group(1)).startswith("checkpoint-1"), killed.group(0)
+    assert sorted(assert_every_checkpoint_loads(out)) == [2], "checkpoint-2 was lost"
 
 
 # --- non-finite steps ------------------------------------------------------------------------------
@@ -520,8 +513,10 @@ def test_bad_steps_not_in_a_row_do_not_stop_the_run(tmp_path, pretrain_file, mon
 
 # --- memory (TINY_LLM_MEMORY_TESTS=1) --------------------------------------------------------------
 
-memory_test = pytest.mark.skipif(os.environ.get("TINY_LLM_MEMORY_TESTS") != "1",
-                                 reason="set TINY_LLM_MEMORY_TESTS=1: builds a 2 GB corpus, takes minutes")
+def memory_test(test):
+    skip = pytest.mark.skipif(os.environ.get("TINY_LLM_MEMORY_TESTS") != "1",
+                              reason="set TINY_LLM_MEMORY_TESTS=1: builds a 2 GB corpus, takes minutes")
+    return pytest.mark.slow(skip(test))
 
 
 def repeated_corpus(path, size):

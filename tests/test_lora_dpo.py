@@ -9,16 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL_ARGS, preference_pairs, run_main, shipped_lines, write_jsonl
+from conftest import TINY_MODEL_ARGS, preference_pairs, read_metrics, run_main, shipped_lines, write_jsonl
 
 FAST = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1000",
         "--eval_batches", "2", "--learning_rate", "1e-2", "--warmup_iters", "1"]
 LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def hf_model(path):

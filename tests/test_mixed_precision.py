@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 import train_model
-from conftest import TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, run_main
+from conftest import TINY_MODEL_ARGS, ForwardSpy, nan_loss_at, read_metrics, run_main, saved_weights, step_losses
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Every step logged and a learning rate at which each update shows in the losses. AdamW, with which the
@@ -28,23 +28,8 @@ ARGS = [*TINY_MODEL_ARGS, "--batch_size", "4", "--log_interval", "1", "--eval_in
         "--warmup_iters", "2", "--max_steps", "4", "--save_interval", "2"]
 
 
-def metrics(out):
-    import json
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out):
-    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
-
-
 def val_loss(out):
-    return [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
-
-
-def weights(path):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
+    return [r["val_loss"] for r in read_metrics(out) if "val_loss" in r][-1]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +54,7 @@ def train_in(dtype, data, out, monkeypatch, *extra):
     assert autocasts == [dtype], f"training ran autocast {autocasts}, not once in {dtype}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HALF))
 def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkeypatch, capsys):
     """4 steps in bf16 (fp16 + GradScaler) autocast: the losses and the validation loss of the float32 run
@@ -77,7 +63,7 @@ def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkey
     out = str(tmp_path / name)
     train_in(HALF[name], data, out, monkeypatch)
     assert str(HALF[name]) in capsys.readouterr().out  # the start-up line names the dtype
-    expected, got = losses(reference), losses(out)
+    expected, got = step_losses(reference), step_losses(out)
     assert sorted(got) == [1, 2, 3, 4]
     # Measured: bf16 within 1.9e-3 of float32, fp16 within 1.1e-3 (8 and 11 bits of mantissa).
     tolerance = 5e-3 if name == "bf16" else 3e-3
@@ -85,7 +71,7 @@ def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkey
         assert got[step] == pytest.approx(expected[step], abs=tolerance), (step, got, expected)
     assert val_loss(out) == pytest.approx(val_loss(reference), abs=tolerance)
     assert got != expected  # half precision did run: the losses are not bit-identical
-    assert all(w.dtype == torch.float32 for w in weights(out).values())
+    assert all(w.dtype == torch.float32 for w in saved_weights(out).values())
     state = torch.load(os.path.join(out, "checkpoint-2", checkpoints.STATE_FILE), weights_only=False)
     if name == "fp16":
         assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
@@ -93,6 +79,7 @@ def test_mixed_precision_trains_like_float32(name, float32_run, tmp_path, monkey
         assert not state["scaler"]  # bf16 needs no loss scaling
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HALF))
 def test_resume_under_mixed_precision_equals_the_uninterrupted_run(name, float32_run, tmp_path, monkeypatch):
     """Resume from checkpoint-2 redoes steps 3 and 4 exactly: with fp16 the GradScaler's scale and growth
@@ -102,9 +89,9 @@ def test_resume_under_mixed_precision_equals_the_uninterrupted_run(name, float32
     train_in(HALF[name], data, full, monkeypatch)
     shutil.copytree(full, resumed)
     train_in(HALF[name], data, resumed, monkeypatch, "--resume", os.path.join(resumed, "checkpoint-2"))
-    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
-    expected = weights(full)
-    for key, tensor in weights(resumed).items():
+    assert step_losses(resumed) == pytest.approx(step_losses(full), abs=1e-6)
+    expected = saved_weights(full)
+    for key, tensor in saved_weights(resumed).items():
         torch.testing.assert_close(tensor, expected[key], atol=1e-6, rtol=0, msg=key)
 
 
@@ -130,6 +117,7 @@ def test_dtype_auto_takes_native_bf16_else_float16(monkeypatch, major, expected)
     assert train_model.resolve_device_and_dtype(args)[1] == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_float16_run_goes_on_after_a_non_finite_step(float32_run, tmp_path, monkeypatch, capsys):
     """float16 turns the loss scaler on (on CPU too, forced here as on a T4 or V100). A step whose loss is
     NaN is skipped and the run goes on: after the skipped step's unscale_ the scaler must be updated, or
@@ -139,11 +127,11 @@ def test_float16_run_goes_on_after_a_non_finite_step(float32_run, tmp_path, monk
     ForwardSpy(monkeypatch, nan_loss_at({2}))
     train_in(torch.float16, data, out, monkeypatch)
     assert "step 2: non-finite loss" in capsys.readouterr().out
-    got = losses(out)
+    got = step_losses(out)
     assert sorted(got) == [1, 2, 3, 4] and math.isnan(got[2])
     assert all(math.isfinite(got[step]) for step in (1, 3, 4))
-    assert not torch.equal(weights(os.path.join(out, "checkpoint-2"))["model.norm.weight"],
-                           weights(out)["model.norm.weight"])  # steps 3 and 4 trained
+    assert not torch.equal(saved_weights(os.path.join(out, "checkpoint-2"))["model.norm.weight"],
+                           saved_weights(out)["model.norm.weight"])  # steps 3 and 4 trained
 
 
 @pytest.mark.parametrize("units,job,expected", [
@@ -189,7 +177,7 @@ def test_bf16_fine_tuning_tracks_float32(mode, chat_runs, tmp_path, monkeypatch)
     reference, out = str(tmp_path / "float32"), str(tmp_path / "bf16")
     assert run_main(["--data_path", data, "--out_dir", reference, *ARGS, *extra]) is None
     train_in(torch.bfloat16, data, out, monkeypatch, *extra)
-    expected, got = losses(reference), losses(out)
+    expected, got = step_losses(reference), step_losses(out)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
     for step in got:  # bf16 keeps 8 bits of mantissa; measured: DPO within 2.8e-3 at step 4
         assert got[step] == pytest.approx(expected[step], abs=5e-3), (step, got, expected)

@@ -1,8 +1,9 @@
 """The model against Hugging Face's LlamaForCausalLM, the reference implementation of the architecture.
 
 Our checkpoints are meant to load unchanged as `LlamaForCausalLM`; so HF serves as the oracle for the
-forward pass, the loss and greedy generation. Weights are trained a few steps first, so that they are not
-just the initialisation (norm weights of ones, for instance, would hide a mix-up of the two norms).
+forward pass, the loss and greedy generation. The model is trained first (conftest's chain_model, until it
+has learnt a cycle of tokens), so that its weights are not just the initialisation (norm weights of ones, for
+instance, would hide a mix-up of the two norms) and greedy generation has a path to follow.
 """
 import json
 import math
@@ -13,61 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import chain_prompts, hf_greedy, load_hf, tiny_config
 from model import KVCache, ModelConfig, Transformer
 
-# One thread: on a small shared CPU, two threads of tiny matmuls mostly wait for each other.
 ATOL = 1e-4
-POOL = 32
-
-
-def _quiet_hf():
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
-def _chain(vocab_size, seed=0):
-    """A fixed random cycle through POOL tokens: each token's successor is the next one of the cycle."""
-    pool = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:POOL].tolist()
-    return pool, {t: pool[(i + 1) % POOL] for i, t in enumerate(pool)}
-
-
-def _successor_batches(vocab_size, steps, batch=8, seq=32, seed=0):
-    """Sequences that follow the cycle, so the trained model has something to learn and greedy
-    generation (from prompts on the cycle) is not one repeated token."""
-    g = torch.Generator().manual_seed(seed)
-    pool, successor = _chain(vocab_size)
-    for _ in range(steps):
-        rows = []
-        for start in torch.randint(POOL, (batch,), generator=g).tolist():
-            row = [pool[start]]
-            for _ in range(seq - 1):
-                row.append(successor[row[-1]])
-            rows.append(row)
-        ids = torch.tensor(rows)
-        # Some noise, so that every token's embedding gets some gradient too.
-        noise = torch.rand(ids.shape, generator=g) < 0.1
-        ids = torch.where(noise, torch.randint(vocab_size, ids.shape, generator=g), ids)
-        yield ids
-
-
-def chain_prompts(vocab_size, starts, length):
-    """Prompts of `length` tokens along the training cycle, one per start position."""
-    pool, _ = _chain(vocab_size)
-    return torch.tensor([[pool[(s + i) % POOL] for i in range(length)] for s in starts])
-
-
-def train_a_little(model, steps=30, lr=1e-2, seed=0):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for ids in _successor_batches(model.config.vocab_size, steps, seed=seed):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model
 
 
 def perturb(model, seed=0):
@@ -82,46 +32,21 @@ def perturb(model, seed=0):
     return model.eval()
 
 
-def load_hf(model_dir):
-    _quiet_hf()
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model_dir)  # no trust_remote_code: the stock Llama class
-    hf.eval()
-    # The oracle must not stop at an eos token of its own choosing (LlamaConfig has defaults).
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.bos_token_id = None
-    return hf
-
-
-@pytest.fixture(scope="module")
-def trained(tokenizer, tmp_path_factory):
-    torch.manual_seed(1234)
-    model = train_a_little(Transformer(tiny_config(len(tokenizer))))
-    model_dir = str(tmp_path_factory.mktemp("tiny_llama"))
-    model.save_pretrained(model_dir)
-    return model, model_dir, load_hf(model_dir)
-
-
 def random_ids(vocab_size, batch, seq, seed):
     return torch.randint(vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def hf_greedy(hf, ids, n):
-    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-
-
 # --- loading as LlamaForCausalLM --------------------------------------------------------------------
 
-def test_training_moved_the_weights_away_from_init(trained):
-    model, _, _ = trained
+def test_training_moved_the_weights_away_from_init(chain_model):
+    model, _, _ = chain_model
     norm = model.layers[0].attention_norm.weight
     assert not torch.allclose(norm, torch.ones_like(norm)), "norm weights are still the initial ones"
 
 
-def test_loads_as_stock_llama(trained):
+def test_loads_as_stock_llama(chain_model):
     from transformers import LlamaForCausalLM
-    _, model_dir, hf = trained
+    _, model_dir, hf = chain_model
     assert type(hf) is LlamaForCausalLM
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
@@ -135,8 +60,8 @@ def test_loads_as_stock_llama(trained):
 
 
 @pytest.mark.parametrize("batch,seq", [(1, 1), (2, 9), (3, 64), (1, 128)])
-def test_logits_match_hf(trained, batch, seq):
-    model, _, hf = trained
+def test_logits_match_hf(chain_model, batch, seq):
+    model, _, hf = chain_model
     ids = random_ids(model.config.vocab_size, batch, seq, seed=seq)
     with torch.no_grad():
         ours, theirs = model(ids).logits, hf(ids).logits
@@ -179,8 +104,8 @@ def _labels_with_holes(ids, seed):
     return labels
 
 
-def test_loss_matches_hf_with_ignored_labels(trained):
-    model, _, hf = trained
+def test_loss_matches_hf_with_ignored_labels(chain_model):
+    model, _, hf = chain_model
     ids = random_ids(model.config.vocab_size, 2, 30, seed=11)
     labels = _labels_with_holes(ids, seed=11)
     with torch.no_grad():
@@ -196,8 +121,8 @@ def test_loss_matches_hf_with_ignored_labels(trained):
     torch.testing.assert_close(ours, manual, atol=1e-5, rtol=0)
 
 
-def test_num_items_in_batch_is_a_sum_over_tokens(trained):
-    model, _, hf = trained
+def test_num_items_in_batch_is_a_sum_over_tokens(chain_model):
+    model, _, hf = chain_model
     ids = random_ids(model.config.vocab_size, 2, 30, seed=12)
     labels = _labels_with_holes(ids, seed=12)
     labelled = int((labels[:, 1:] != -100).sum())
@@ -215,12 +140,12 @@ def test_num_items_in_batch_is_a_sum_over_tokens(trained):
                                    model(ids, labels=labels).loss, atol=1e-6, rtol=0)
 
 
-def test_gradients_match_hf(trained):
+def test_gradients_match_hf(chain_model):
     """The loss's gradients, which chunked_cross_entropy_sum computes by hand in chunks of 256 tokens (384
     tokens here: a full chunk and a partial one), are autograd's through HF's model, every weight."""
     import copy
     from model import to_hf_name
-    model, _, hf = (copy.deepcopy(m) for m in trained)
+    model, _, hf = (copy.deepcopy(m) for m in chain_model)
     ids = random_ids(model.config.vocab_size, 3, 128, seed=13)
     labels = _labels_with_holes(ids, seed=13)
     model(ids, labels=labels, num_items_in_batch=100).loss.backward()
@@ -261,8 +186,8 @@ def test_the_chunked_loss_is_the_formula_with_only_the_gradients_asked_for(h_gra
 
 # --- generation ---------------------------------------------------------------------------------------
 
-def test_greedy_generate_matches_hf(trained):
-    model, _, hf = trained
+def test_greedy_generate_matches_hf(chain_model):
+    model, _, hf = chain_model
     ids = chain_prompts(model.config.vocab_size, [0], 6)
     ours = model.generate(ids, 20, temperature=0)
     theirs = hf_greedy(hf, ids, 20)
@@ -271,8 +196,8 @@ def test_greedy_generate_matches_hf(trained):
     assert len(set(ours[0, 6:].tolist())) > 1, "a degenerate run: the comparison would be weak"
 
 
-def test_greedy_generate_matches_hf_for_a_batch(trained):
-    model, _, hf = trained
+def test_greedy_generate_matches_hf_for_a_batch(chain_model):
+    model, _, hf = chain_model
     ids = chain_prompts(model.config.vocab_size, [3, 17], 7)
     ours = model.generate(ids, 15, temperature=0)
     assert torch.equal(ours, hf_greedy(hf, ids, 15))
@@ -281,11 +206,11 @@ def test_greedy_generate_matches_hf_for_a_batch(trained):
         assert torch.equal(ours[row:row + 1], model.generate(ids[row:row + 1], 15, temperature=0))
 
 
-def test_prompts_of_different_lengths_sample_together_as_each_alone(trained):
+def test_prompts_of_different_lengths_sample_together_as_each_alone(chain_model):
     """sample() with right-padded prompts and their lengths (RL rollouts: a batch of prompts of their own
     lengths): each row's new tokens are those of its prompt decoded alone (greedy, random prompts, so that
     a row attending to another row's padding would show)."""
-    model, _, _ = trained
+    model, _, _ = chain_model
     lengths = [3, 9, 6]
     prompts = [random_ids(model.config.vocab_size, 1, n, seed=40 + n)[0] for n in lengths]
     padded = torch.zeros(3, 9, dtype=torch.long)
@@ -296,8 +221,8 @@ def test_prompts_of_different_lengths_sample_together_as_each_alone(trained):
         assert torch.equal(together[row], model.sample(prompt[None], 12, temperature=0)[0]), row
 
 
-def test_kv_cache_generation_equals_full_recompute(trained):
-    model, _, _ = trained
+def test_kv_cache_generation_equals_full_recompute(chain_model):
+    model, _, _ = chain_model
     ids = random_ids(model.config.vocab_size, 2, 5, seed=23)
     expected = ids
     with torch.no_grad():
@@ -307,12 +232,12 @@ def test_kv_cache_generation_equals_full_recompute(trained):
     assert torch.equal(model.generate(ids, 25, temperature=0), expected)
 
 
-def test_kv_cache_logits_equal_the_full_forward(trained):
+def test_kv_cache_logits_equal_the_full_forward(chain_model):
     """Through the cache, a prompt, then a chunk of 6 tokens, then token by token: each last position's
     logits are the full forward's (random tokens, so that they depend on the context and on the
     positions, not only on the last token). The cache is longer than what gets written: attention
     must not see its unwritten end, nor a chunk's later tokens."""
-    model, _, _ = trained
+    model, _, _ = chain_model
     ids = random_ids(model.config.vocab_size, 2, 40, seed=29)
     with torch.no_grad():
         full = model(ids).logits
@@ -323,10 +248,11 @@ def test_kv_cache_logits_equal_the_full_forward(trained):
         assert cache.length.tolist() == [40, 40]
 
 
-def test_compiled_generate_equals_eager(trained):
+@pytest.mark.slow
+def test_compiled_generate_equals_eager(chain_model):
     """generate(compile=True): the same tokens as eager, for a batch that stops on eos and for a second
     prompt length (one recompilation, with symbolic sizes); the same shapes again compile nothing."""
-    model, _, _ = trained
+    model, _, _ = chain_model
     ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
     eos = model.generate(ids, 20, temperature=0)[0, 6 + 7].item()  # row 0 stops early, row 1 runs on
     for prompt, n in [(ids, 20), (ids[:, :4], 30)]:
@@ -337,14 +263,15 @@ def test_compiled_generate_equals_eager(trained):
     assert torch.equal(again, model.generate(ids, 20, temperature=0, eos_token_id=eos))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_generate_under_autocast_equals_the_converted_model(trained, dtype, device):
+def test_generate_under_autocast_equals_the_converted_model(chain_model, dtype, device):
     """Under autocast (as bench.py and a GPU run generate) attention yields half-precision keys and values
     from float32 weights; the cache must take them (it was made in the weights' dtype and index_copy_
     refused). Eager and compiled give the tokens of the model converted to that dtype, and of float32."""
-    trained_model, _, _ = trained
+    trained_model, _, _ = chain_model
     model = Transformer(trained_model.config).eval()
     model.load_state_dict(trained_model.state_dict())
     model = model.to(device)
@@ -361,16 +288,16 @@ def test_generate_under_autocast_equals_the_converted_model(trained, dtype, devi
     assert cache.k[0].dtype == cache.v[0].dtype == dtype
 
 
-def test_generate_stops_at_max_seq_len(trained):
-    model, _, _ = trained
+def test_generate_stops_at_max_seq_len(chain_model):
+    model, _, _ = chain_model
     ids = random_ids(model.config.vocab_size, 1, 120, seed=24)
     out = model.generate(ids, 50, temperature=0)
     assert out.shape == (1, model.config.max_seq_len)
     assert torch.equal(out[:, :120], ids)
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy(trained):
-    model, _, _ = trained
+def test_top_k_1_and_tiny_top_p_equal_greedy(chain_model):
+    model, _, _ = chain_model
     ids = random_ids(model.config.vocab_size, 2, 6, seed=25)
     greedy = model.generate(ids, 12, temperature=0)
     torch.manual_seed(0)
@@ -393,8 +320,8 @@ def test_sampling_draws_from_the_distribution():
     assert set(sample_next_token(logits, 1.0, None, 0.7).tolist()) == {2, 3}
 
 
-def test_eos_stops_generation(trained):
-    model, _, _ = trained
+def test_eos_stops_generation(chain_model):
+    model, _, _ = chain_model
     ids = chain_prompts(model.config.vocab_size, [5], 6)
     free = model.generate(ids, 20, temperature=0)[0, 6:].tolist()
     # The first new token that did not occur before it: generation must stop right after it.
@@ -403,8 +330,8 @@ def test_eos_stops_generation(trained):
     assert out[0, 6:].tolist() == free[:k + 1]
 
 
-def test_eos_in_a_batch_pads_finished_rows(trained):
-    model, _, _ = trained
+def test_eos_in_a_batch_pads_finished_rows(chain_model):
+    model, _, _ = chain_model
     ids = chain_prompts(model.config.vocab_size, [0, 10], 6)
     free = model.generate(ids, 20, temperature=0)[:, 6:].tolist()
 
@@ -427,8 +354,8 @@ def test_eos_in_a_batch_pads_finished_rows(trained):
     assert length - stops[0] - 1 > 0, "row 0 should have been padded"
 
 
-def test_streamer_sees_every_new_column(trained):
-    model, _, _ = trained
+def test_streamer_sees_every_new_column(chain_model):
+    model, _, _ = chain_model
     ids = random_ids(model.config.vocab_size, 2, 4, seed=28)
     columns = []
     out = model.generate(ids, 6, temperature=0, streamer=lambda t: columns.append(t.clone()))
@@ -437,8 +364,8 @@ def test_streamer_sees_every_new_column(trained):
 
 # --- saving and loading ------------------------------------------------------------------------------
 
-def test_from_pretrained_round_trips_exactly(trained):
-    model, model_dir, _ = trained
+def test_from_pretrained_round_trips_exactly(chain_model):
+    model, model_dir, _ = chain_model
     loaded = Transformer.from_pretrained(model_dir).eval()
     assert loaded.config == model.config
     ours, theirs = model.state_dict(), loaded.state_dict()
@@ -451,9 +378,9 @@ def test_from_pretrained_round_trips_exactly(trained):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
-def test_loads_a_plain_hf_llama_directory(trained, tmp_path):
+def test_loads_a_plain_hf_llama_directory(chain_model, tmp_path):
     """A directory written by HF itself (no tiny_llm_config.json) loads into our Transformer."""
-    model, _, hf = trained
+    model, _, hf = chain_model
     hf.save_pretrained(str(tmp_path))
     assert not os.path.exists(tmp_path / "tiny_llm_config.json")
     loaded = Transformer.from_pretrained(str(tmp_path)).eval()
@@ -465,8 +392,8 @@ def test_loads_a_plain_hf_llama_directory(trained, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
-def test_from_pretrained_rejects_mismatched_weights(trained, tmp_path):
-    _, model_dir, _ = trained
+def test_from_pretrained_rejects_mismatched_weights(chain_model, tmp_path):
+    _, model_dir, _ = chain_model
     shutil.copytree(model_dir, tmp_path / "m")
     with open(tmp_path / "m" / "tiny_llm_config.json") as f:
         config = json.load(f)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
+from conftest import TINY_MODEL_ARGS, read_metrics, run_main, shipped_lines, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -20,24 +20,21 @@ def runs(tmp_path_factory):
     return str(root / "a"), str(root / "b")
 
 
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
+@pytest.mark.slow
 def test_eval_tasks_scores_equal_eval_py_on_the_saved_model(runs, tmp_path):
     """The score logged at the last evaluation is eval.py's (lm-eval's) score of the final model."""
     import eval as evaluation
-    logged = [r for r in records(runs[0]) if "poetry_author/acc" in r]
+    logged = [r for r in read_metrics(runs[0]) if "poetry_author/acc" in r]
     assert [r["step"] for r in logged] == [2, 4]
     out = tmp_path / "eval.json"
     evaluation.main(["--model", runs[0], "--tasks", "poetry_author", "--device", "cpu", "--json", str(out)])
     with open(out) as f:
         results = json.load(f)["results"]["poetry_author"]
     assert logged[-1]["poetry_author/acc"] == pytest.approx(results["acc,none"], abs=1e-6)
-    assert not [r for r in records(runs[1]) if any("/" in k for k in r)]  # off by default
+    assert not [r for r in read_metrics(runs[1]) if any("/" in k for k in r)]  # off by default
 
 
+@pytest.mark.slow
 def test_report_tables_and_plots_of_two_runs(runs, tmp_path):
     import report
     from PIL import Image
@@ -45,8 +42,8 @@ def test_report_tables_and_plots_of_two_runs(runs, tmp_path):
     with open(tmp_path / "report" / "report.md", encoding="utf-8") as f:
         text = f.read()
     for run in runs:
-        val = [r for r in records(run) if "val_bpb" in r][-1]
-        train = [r for r in records(run) if "loss" in r][-1]
+        val = [r for r in read_metrics(run) if "val_bpb" in r][-1]
+        train = [r for r in read_metrics(run) if "loss" in r][-1]
         row = next(line for line in text.splitlines() if line.startswith(f"| {os.path.normpath(run)} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "4" and cells[2] == f"{train['tokens']:,}"

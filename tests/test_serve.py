@@ -1,6 +1,6 @@
 """serve.py: the official `openai` client against a server started here, and continuous batching.
 
-The server runs as `python serve.py` on 127.0.0.1 with a free port and a tiny model written here. The
+The server runs as `python serve.py` on 127.0.0.1 with a free port and conftest's tiny chatty model. The
 oracles: the `openai` client parses every answer, stream and error; generate.py prints the text a greedy
 (or seeded) answer must equal; transformers' LlamaForCausalLM gives the tokens each sequence of a batch
 must get, decoded alone.
@@ -8,7 +8,6 @@ must get, decoded alone.
 import contextlib
 import io
 import json
-import time
 
 import httpx
 import openai
@@ -16,50 +15,15 @@ import pytest
 import torch
 
 from benchmarks import serving as serving_bench
-from conftest import SUBPROCESS_ENV, TOKENIZER_DIR, tiny_config
+from conftest import (QUESTION, SYSTEM, chain_prompts, health, hf_greedy, running_server, tiny_config, when_idle,
+                      write_chatty_model)
 
 API_KEY = "test-key"
-SYSTEM, QUESTION = "你是一个诗人。", "请背诵《静夜思》"
-
-
-def write_chatty_model(path, max_seq_len, seed=0):
-    """A tiny random model as train_model.py writes it. Its matrices are scaled up 8x: a fresh init repeats
-    one token, while these weights give varied text, with large margins between the best tokens (greedy
-    decoding does not hinge on rounding) and no end token within the first 1,000 tokens (checked)."""
-    from transformers import AutoTokenizer
-    from model import Transformer
-    from checkpoints import write_model_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(seed)
-    model = Transformer(tiny_config(len(tokenizer), max_seq_len=max_seq_len))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(8)
-    write_model_dir(str(path), model, model.state_dict(), tokenizer)
-    return str(path)
-
-
-def running_server(model_dir, log_path, *args):
-    """`python serve.py` on a free port of 127.0.0.1 (bench.py's way): yields (process, base URL)."""
-    return serving_bench.running_server(model_dir, log_path, "--device", "cpu", *args, env=SUBPROCESS_ENV)
-
-
-def health(url):
-    return httpx.get(f"{url}/health", timeout=10).json()
-
-
-def when_idle(url):
-    """/health once no request is running (waiting at most 30 s: a bound, not a speed test)."""
-    deadline = time.monotonic() + 30
-    while health(url)["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return health(url)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_chatty_model(tmp_path_factory.mktemp("serve") / "tiny-chat", max_seq_len=1024)
+def model_dir(tmp_path_factory, tokenizer):
+    return write_chatty_model(tmp_path_factory.mktemp("serve") / "tiny-chat", tokenizer, max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")
@@ -271,18 +235,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
 
 # --- continuous batching, in this process ----------------------------------------------------------------
 
-def test_batched_decoding_equals_decoding_alone(tokenizer, tmp_path):
+def test_batched_decoding_equals_decoding_alone(tokenizer, chain_model):
     """Sequences with prompts of different lengths join a running batch at different steps, more than
     fit (one waits for a free row), one ends at an end token and the others at their max_tokens, so rows
     are freed and moved mid-batch: each gets the greedy tokens of HF's LlamaForCausalLM decoding it alone."""
     import asyncio
-    from model import Transformer
     from serve import Scheduler, Sequence
-    from test_model import chain_prompts, hf_greedy, load_hf, train_a_little
-    torch.manual_seed(1234)
-    model = train_a_little(Transformer(tiny_config(len(tokenizer))))
-    model.save_pretrained(str(tmp_path))
-    hf = load_hf(str(tmp_path))
+    model, _, hf = chain_model
     vocab = model.config.vocab_size
     # (prompt, max_tokens, the step at which it arrives)
     plan = [(chain_prompts(vocab, [0], 6), 20, 0), (chain_prompts(vocab, [9], 11), 8, 3),
@@ -321,15 +280,12 @@ def test_batched_decoding_equals_decoding_alone(tokenizer, tmp_path):
                                   "error": 0}
 
 
-def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer):
+def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer, chain_model):
     """ignore_eos (vLLM's extra field, for fixed-length benchmarks): the answer goes on through the token
     that ends the same request without it, to max_tokens, with the tokens greedy decoding gives."""
     import asyncio
-    from model import Transformer
     from serve import Scheduler, Sequence
-    from test_model import train_a_little
-    torch.manual_seed(1234)
-    model = train_a_little(Transformer(tiny_config(len(tokenizer)))).eval()
+    model, _, _ = chain_model
     prompt = [5, 6, 7, 8]
     greedy = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
     eos = greedy[3]
@@ -349,6 +305,7 @@ def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer):
     assert scheduler.finished == {"stop": 1, "length": 1, "cancelled": 0, "error": 0}
 
 
+@pytest.mark.slow
 def test_bench_load_every_valid_request_answered_every_malformed_one_refused(served):
     """bench.py --serve's mixed load, small: valid requests answered in full, malformed ones a 4xx JSON
     error; the server ends idle (its speed figures are measured here, not asserted)."""

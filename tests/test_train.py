@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, shipped_lines, tiny_config, write_jsonl
+from conftest import TINY_MODEL_ARGS, TOKENIZER_DIR, read_metrics, shipped_lines, tiny_config, write_jsonl
 from model import Transformer
 
 # --- the learning-rate schedule ------------------------------------------------------------------------
@@ -244,11 +244,6 @@ def test_resuming_with_another_optimizer_is_refused():
 
 # --- end to end: pretraining --------------------------------------------------------------------------
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     import train_model
@@ -328,6 +323,7 @@ def test_token_cache_trains_exactly_like_streaming(pretrained, tmp_path):
     assert [r.get("loss") for r in read_metrics(out)] == [r.get("loss") for r in read_metrics(pretrained)]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(pretrained, tmp_path):
     """--compile (torch.compile of the model, forward and backward) trains the same run as eager: the
     same losses and validation to float tolerance, and a model directory that loads as usual."""
@@ -488,7 +484,8 @@ def test_generate_in_bf16_equals_the_model_converted_to_bf16(pretrained, generat
     assert capsys.readouterr().out == _expected_completion(pretrained, ids, 8, "<|endoftext|>", torch.bfloat16) + "\n"
 
 
-@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile_flag", [[], pytest.param(["--compile"], marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 def test_generate_chat_with_prompt(pretrained, generate_to_capsys, capsys, compile_flag):
     from transformers import AutoTokenizer
     question = "请背诵《静夜思》。"
