@@ -9,20 +9,19 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, tiny_config, write_jsonl
+from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl, write_tiny_model
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tokenizer):
-    """A tiny model a little trained, so that its distributions are not uniform."""
-    from model import Transformer
-    from test_model import train_a_little
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    torch.manual_seed(5)
-    model = train_a_little(Transformer(tiny_config(len(tokenizer), max_seq_len=64)), steps=10)
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
+    """A tiny model other than the student, its matrices scaled up so that its distributions are peaked."""
+    def sharpen(model):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.mul_(4)
+    return write_tiny_model(tmp_path_factory.mktemp("teacher") / "model", tokenizer, seed=5, edit=sharpen,
+                            max_seq_len=64)
 
 
 @pytest.fixture
@@ -106,6 +105,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher, base_model, sft_da
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--distill_on_policy", "0.5", "--max_new_tokens", "12"],
                                    ["--lora_rank", "4", "--distill_beta", "0.5"]], ids=["on-policy", "lora-jsd"])
 def test_resume_equals_the_uninterrupted_run(extra, teacher, base_model, sft_data, tmp_path):
@@ -132,6 +132,7 @@ def test_on_policy_batches_are_the_students_answers_to_the_data_prompts(teacher,
     assert steps[1]["tokens"] <= 4 * 6 and steps[2]["tokens"] - steps[1]["tokens"] <= 4 * 6
 
 
+@pytest.mark.slow
 def test_two_processes_distil(teacher, base_model, sft_data, tmp_path):
     out = tmp_path / "out"
     argv = ["--data_path", sft_data, "--out_dir", str(out), "--init_from", base_model, "--teacher", teacher, *DISTILL,

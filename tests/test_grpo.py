@@ -307,6 +307,7 @@ def test_with_several_iterations_the_clip_engages(base_model, prompt_file, tmp_p
     assert all(steps[s]["rollout_s"] > 0 for s in (1, 4)) and all(steps[s]["rollout_s"] == 0 for s in (2, 3, 5, 6))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--num_iterations", "2", "--beta", "0.05"], ["--lora_rank", "4"]],
                          ids=["plain", "iterations-kl", "lora"])
 def test_resume_equals_the_uninterrupted_run(extra, base_model, prompt_file, tmp_path):
@@ -331,6 +332,7 @@ def test_resume_equals_the_uninterrupted_run(extra, base_model, prompt_file, tmp
     assert "reward" in a[5] and ("reward" in a[4]) == ("--num_iterations" not in extra)
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_each_samples_its_own_groups(base_model, prompt_file, tmp_path):
     out = tmp_path / "out"
     argv = ["--data_path", prompt_file, "--out_dir", str(out), "--init_from", base_model, *GRPO, "--max_steps", "2"]

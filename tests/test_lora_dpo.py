@@ -173,13 +173,14 @@ def test_dpo_loss_and_gradient_equal_the_papers_formula(tmp_path, tokenizer, bas
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dpo_reference_is_the_init_from_model_throughout(lora, tmp_path, dpo_file, base_model, monkeypatch):
     import modes
+    import train_model
     objectives = []
 
     class RecordedDPO(modes.DPO):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             objectives.append(self)
-    monkeypatch.setitem(modes.MODES, "dpo", RecordedDPO)
+    monkeypatch.setitem(train_model.MODES, "dpo", RecordedDPO)
     start = perturbed_copy(base_model, tmp_path / "start")
     out = tmp_path / "out"
     assert run_main(["--data_path", dpo_file, "--out_dir", out, *FAST, "--init_from", start, "--max_steps", "3",

@@ -168,6 +168,7 @@ def chat_runs(tmp_path_factory, base_model):
     return {"sft": (sft, base_model), "dpo": (dpo, base_model)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "dpo"])
 def test_bf16_fine_tuning_tracks_float32(mode, chat_runs, tmp_path, monkeypatch):
     """SFT and DPO under bf16 autocast: the losses of the float32 run within bf16's rounding over the first

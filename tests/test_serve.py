@@ -345,16 +345,14 @@ def test_a_failing_request_gets_an_error_and_the_others_run_on(tokenizer):
     assert scheduler.finished["error"] == 1 and not scheduler.rows
 
 
-def test_the_scheduler_thread_decodes_in_the_dtype_asked_for(tokenizer):
+def test_the_scheduler_thread_decodes_in_the_dtype_asked_for(chain_model, tokenizer):
     """serve.py --dtype bfloat16: the scheduler's own thread decodes under bf16 autocast (autocast is per
     thread), giving the greedy tokens of the model converted to bf16."""
     import asyncio
     import threading
     from model import Transformer
     from serve import Scheduler, Sequence
-    from test_model import train_a_little
-    torch.manual_seed(1234)
-    model = train_a_little(Transformer(tiny_config(len(tokenizer)))).eval()
+    model = chain_model[0]
     converted = Transformer(model.config).eval()
     converted.load_state_dict(model.state_dict())
     converted.to(torch.bfloat16)
