@@ -4,9 +4,9 @@ GPUs: bf16 where it is native (Ampere and later), float16 with loss scaling befo
 emulate bf16 slowly. CPUs: bf16 autocast where the CPU has bf16 matrix units (Intel AMX since Sapphire
 Rapids, AVX512-BF16 on Intel since Cooper Lake and AMD since Zen 4), whose oneDNN kernels torch uses under
 torch.autocast("cpu", dtype=torch.bfloat16); float32 elsewhere, where bf16 is emulated and several
-times slower. Decoding one token at a time is a job of its own: measured on CPUs with bf16 units, it is
-not faster in bf16 (docs/training.md, dtypes), so generation and serving stay in float32 on CPU unless
-asked.
+times slower. Decoding one token at a time is a job of its own, with small matmuls that casts and
+dispatch dominate: until bench.py --cpu_dtype has shown bf16 decoding faster on a CPU with the units,
+generation and serving stay in float32 on CPU unless asked (docs/training.md, dtypes).
 
 Every choice can be overridden: an explicit --dtype is honoured, with a warning where the hardware would
 emulate it.
@@ -48,7 +48,7 @@ def choose_dtype(device, requested, job="train"):
     if units is None:
         return torch.float32, "auto: the CPU has no bf16 units"
     if job == "decode":
-        return torch.float32, f"auto: decoding is not faster in bf16, even with {units}"
+        return torch.float32, f"auto: decoding stays float32 on CPU, even with {units} (docs/training.md)"
     return torch.bfloat16, f"auto: the CPU has {units} bf16 units"
 
 
@@ -80,5 +80,5 @@ def autocast(device, dtype):
 def add_dtype_argument(parser, job):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help=f"{job} under autocast in this dtype (the weights stay float32); auto: "
-                             "bfloat16 on GPUs with bf16 units (float16 on older ones), float32 on CPU, where "
-                             "decoding is not faster in bf16 (docs/training.md, dtypes)")
+                             "bfloat16 on GPUs with bf16 units (float16 on older ones), float32 on CPU "
+                             "(docs/training.md, dtypes)")

@@ -624,3 +624,31 @@ def test_mfu_counts_every_position_the_model_ran(tmp_path, monkeypatch, tokenize
     assert len(logged) == 3
     for r in logged:
         assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * 64 / 63, rel=1e-3)
+
+
+@pytest.mark.parametrize("units,expected", [("AMX", torch.bfloat16), (None, torch.float32)])
+def test_muon_runs_newton_schulz_in_bf16_only_where_the_cpu_has_bf16_units(units, expected, monkeypatch):
+    """recipes.Muon in bf16 is torch.optim.Muon step for step (the same numbers); in float32, which a CPU
+    without bf16 units gets (it would emulate bf16 17x slower), its updates stay within bf16's rounding."""
+    import hardware
+    from recipes import Muon, Recipe, make_optimizers
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.1)
+    muon, _ = make_optimizers(Transformer(tiny_config(300)), args, Recipe("muon", "wsd", 8e-3), torch.device("cpu"))
+    assert isinstance(muon, Muon) and muon.ns_dtype == expected
+
+    def train(optimizer_class, **kwargs):
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(48, 32)), torch.nn.Parameter(torch.randn(16, 40))]
+        optimizer = optimizer_class(weights, lr=2e-2, adjust_lr_fn="match_rms_adamw", **kwargs)
+        for step in range(3):
+            for w in weights:
+                w.grad = torch.randn_like(w, generator=torch.Generator().manual_seed(step))
+            optimizer.step()
+        return weights
+
+    for ours, torchs in zip(train(Muon, ns_dtype=torch.bfloat16), train(torch.optim.Muon)):
+        assert torch.equal(ours, torchs)
+    for ours, torchs in zip(train(Muon, ns_dtype=torch.float32), train(torch.optim.Muon)):
+        assert not torch.equal(ours, torchs)
+        torch.testing.assert_close(ours, torchs, atol=2e-3, rtol=0)
