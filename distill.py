@@ -107,9 +107,12 @@ class Distill(LanguageModel):
 
     def loss(self, model, batch, num_items):
         input_ids, labels = batch["input_ids"], batch["labels"]
+        scored = predicting(labels)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids).logits
-        return distillation_loss(model(input_ids).logits, teacher_logits, labels, num_items, self.args)
+            teacher_logits = self.teacher(input_ids, logits_at=scored).logits
+        targets = labels[:, 1:][labels[:, 1:] != -100]
+        return distillation_loss(model(input_ids, logits_at=scored).logits, teacher_logits, targets, num_items,
+                                 self.args)
 
 
 def last_answer_start(labels):
@@ -137,12 +140,16 @@ def divergence(student_logits, teacher_logits, beta, temperature):
             + (1 - beta) * F.kl_div(mixture, student, reduction="none", log_target=True)).sum(-1)
 
 
-def distillation_loss(student_logits, teacher_logits, labels, num_items, args):
-    """(the mix / num_items, [the divergence's sum, the cross-entropy's sum]) over the labelled positions."""
-    mask = labels[:, 1:] != -100
-    student, teacher = student_logits[:, :-1][mask], teacher_logits[:, :-1][mask]
-    distill = divergence(student, teacher, args.distill_beta, args.distill_temperature).sum()
-    ce = F.cross_entropy(student.float(), labels[:, 1:][mask], reduction="sum")
+def predicting(labels):
+    """The positions whose next token is labelled (batch, seq): where the loss reads the logits."""
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
+def distillation_loss(student_logits, teacher_logits, targets, num_items, args):
+    """(the mix / num_items, [the divergence's sum, the cross-entropy's sum]) of the positions whose
+    logits are given (positions, vocab) and whose next tokens are `targets` (positions,)."""
+    distill = divergence(student_logits, teacher_logits, args.distill_beta, args.distill_temperature).sum()
+    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
     loss = (args.distill_alpha * distill + (1 - args.distill_alpha) * ce) / num_items
     return loss, [distill.detach(), ce.detach()]
 

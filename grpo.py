@@ -25,7 +25,7 @@ import torch
 
 from dataset import PromptDataset, collate_prompts
 from errors import Fatal
-from modes import DatasetMode, all_reduce_sum, make_reference, per_token_log_probs
+from modes import DatasetMode, all_reduce_sum, labelled_log_probs, make_reference, per_token_log_probs
 from rewards import load_reward, score
 from rollout import sample_completions
 
@@ -135,7 +135,7 @@ class GRPO(DatasetMode):
             device = self.run.device
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             if args.num_iterations > 1:  # the sampling policy's log-probabilities, for the ratio
-                batch["old_log_probs"] = per_token_log_probs(self.model(input_ids).logits, labels).cpu()
+                batch["old_log_probs"] = labelled_log_probs(self.model, input_ids, labels).cpu()
             if self.reference is not None:
                 batch["reference_log_probs"] = per_token_log_probs(self.reference(input_ids), labels).cpu()
         totals.add(table, rewards, n, rollouts)
@@ -165,7 +165,7 @@ class GRPO(DatasetMode):
         return tokens, items[self.args.loss_type]
 
     def loss(self, model, batch, num_items):
-        log_probs = per_token_log_probs(model(batch["input_ids"]).logits, batch["labels"])
+        log_probs = labelled_log_probs(model, batch["input_ids"], batch["labels"])
         return grpo_loss(log_probs, batch, num_items, self.args.loss_type, self.args.epsilon, self.epsilon_high,
                          self.args.beta)
 

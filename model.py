@@ -165,8 +165,10 @@ class Transformer(nn.Module):
         matmul_weights = self.num_params() - c.dim * (2 * c.n_layers + 1)  # all but the norms
         return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
 
-    def forward(self, input_ids, labels=None, num_items_in_batch=None):
-        """Training and scoring: logits of every position, or, given labels, the loss.
+    def forward(self, input_ids, labels=None, num_items_in_batch=None, logits_at=None):
+        """Training and scoring: logits of every position (or, given a boolean mask logits_at (batch, seq), of
+        those positions only, (positions, vocab): the output head is the largest matmul of a small model, and
+        a mode that scores only answers need not run it on prompts), or, given labels, the loss.
 
         labels are aligned with input_ids (-100: no loss) and shifted here, as in HF. The loss is the mean
         over this batch's labelled tokens, or, given num_items_in_batch (as in HF), their sum divided by it:
@@ -178,7 +180,7 @@ class Transformer(nn.Module):
             f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}"
         h = self.hidden_states(input_ids, self.rope_cos[:seq], self.rope_sin[:seq])
         if labels is None:
-            return SimpleNamespace(logits=self.output(h), loss=None)
+            return SimpleNamespace(logits=self.output(h if logits_at is None else h[logits_at]), loss=None)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # position t predicts t + 1
         # The same sum as cross_entropy_sum(h, self.output.weight, targets), taken chunk by chunk so that
         # the logits of all the tokens, the largest tensor of a step, never exist at once.

@@ -287,6 +287,18 @@ def per_token_log_probs(logits, labels):
     return picked * (targets != -100)
 
 
+def labelled_log_probs(model, input_ids, labels):
+    """per_token_log_probs of model on input_ids, the output head run only where a labelled token is next
+    (an answer's positions, not its prompt's): the same values for less work."""
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    logits = model(input_ids, logits_at=F.pad(labelled, (0, 1), value=False)).logits
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[labelled].unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.zeros(labelled.shape, dtype=picked.dtype, device=picked.device)
+    log_probs[labelled] = picked
+    return log_probs
+
+
 def sequence_log_probs(logits, labels):
     """log p(labelled tokens) of each row: the sum over its tokens (labels aligned with the inputs)."""
     return per_token_log_probs(logits, labels).sum(-1)

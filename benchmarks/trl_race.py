@@ -1,6 +1,8 @@
-"""The race against TRL (python bench.py --trl [MODEL_DIR]): our SFT, DPO and LoRA SFT steps against TRL's
-SFTTrainer (assistant_only_loss), DPOTrainer (sigmoid loss, beta 0.1, a frozen reference copy) and
-SFTTrainer with PEFT's LoraConfig on the same modules, each pair on the same weights and the same batch.
+"""The race against TRL (python bench.py --trl [MODEL_DIR]): our SFT, DPO, LoRA SFT and distillation steps
+against TRL's SFTTrainer (assistant_only_loss), DPOTrainer (sigmoid loss, beta 0.1, a frozen reference
+copy), SFTTrainer with PEFT's LoraConfig on the same modules, and GKDTrainer (forward KL, off-policy:
+lmbda 0, temperature 1, a student half the model's width and depth distilled from it), each pair on the
+same weights and the same batch.
 
 A step is forward, loss, backward and AdamW; TRL's is Trainer.training_step and the optimizer step, the
 inside of Trainer.train without its data loading, logging and clipping, which our step does not time
@@ -38,9 +40,10 @@ from dataset import PreferenceDataset, collate, collate_preferences, encode_conv
 from lora import (LORA_TARGETS, adapter_hf_name, add_lora, is_lora_weight, lora_hf_names,
                   lora_target_names)
 from model import Transformer
+from distill import distillation_loss, predicting
 from modes import dpo_loss, sequence_log_probs
 
-STEP_GOAL = 2.0  # minimum ratio of our step's tokens/s to TRL's, for each of SFT, DPO and LoRA SFT
+STEP_GOAL = 2.0  # minimum ratio of our step's tokens/s to TRL's, for each of SFT, DPO, LoRA SFT, distillation
 # The README's LoRA run: rank 16, alpha 32, on train_model.py's default targets (attention and MLP).
 TRL_LORA = argparse.Namespace(lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, lora_targets=",".join(LORA_TARGETS))
 TRL_DATA = {"sft": "data/sft_poetry.jsonl.gz", "dpo": "data/dpo_poetry.jsonl.gz"}  # shipped, beside bench.py
@@ -96,12 +99,23 @@ def trl_config(config_class, out_dir, batch_size, device, seed, **kwargs):
                         disable_tqdm=True, **kwargs)
 
 
-def trl_trainers(hf, tokenizer, conversations, pairs, seq, out_dir, device, seed):
-    """TRL's SFTTrainer, SFTTrainer + PEFT with TRL_LORA's adapters, and DPOTrainer, each on its own copy of
-    hf's weights."""
+def half_size_student(ours, seed):
+    """A random student of half the model's width and depth (heads halved too), as train.sh distill makes
+    one, and the same student in transformers."""
+    from dataclasses import replace
+    c = ours.config
+    config = replace(c, dim=c.dim // 2, n_layers=max(1, c.n_layers // 2), n_heads=max(1, c.n_heads // 2),
+                     n_kv_heads=max(1, c.n_kv_heads // 2), hidden_dim=0)
+    return ours_and_hf(config, next(ours.parameters()).device, seed)
+
+
+def trl_trainers(hf, tokenizer, conversations, pairs, seq, out_dir, device, seed, student_hf):
+    """TRL's SFTTrainer, SFTTrainer + PEFT with TRL_LORA's adapters, DPOTrainer, each on its own copy of hf's
+    weights, and GKDTrainer distilling hf into student_hf."""
     import peft
     import trl
     from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
     batch_size = len(conversations)
 
     def sft_trainer(**kwargs):
@@ -119,6 +133,11 @@ def trl_trainers(hf, tokenizer, conversations, pairs, seq, out_dir, device, seed
             model=copy.deepcopy(hf), ref_model=copy.deepcopy(hf).eval(), processing_class=tokenizer,
             train_dataset=Dataset.from_list([dict(zip(("prompt", "chosen", "rejected"), p)) for p in pairs]),
             args=trl_config(trl.DPOConfig, out_dir, batch_size, device, seed, beta=0.1, loss_type=["sigmoid"],
+                            max_length=seq)),
+        "distill": GKDTrainer(
+            model=copy.deepcopy(student_hf), teacher_model=copy.deepcopy(hf).eval(), processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
+            args=trl_config(GKDConfig, out_dir, batch_size, device, seed, lmbda=0.0, beta=0.0, temperature=1.0,
                             max_length=seq)),
     }
 
@@ -184,16 +203,30 @@ def give_same_adapters(ours_lora, trl_model):
                                                if is_lora_weight(k)})
 
 
-def step_races(ours, ours_lora, hf, trainers, sft, dpo, device):
-    """The three races, by name. Each contender trains its own copy of the weights."""
+def our_distillation_loss(student, input_ids, labels, teacher):
+    """train_model.py --mode distill's loss of a batch: forward KL to the teacher at temperature 1."""
+    scored, targets = predicting(labels), labels[:, 1:][labels[:, 1:] != -100]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids, logits_at=scored).logits
+    args = argparse.Namespace(distill_alpha=1.0, distill_beta=0.0, distill_temperature=1.0)
+    return distillation_loss(student(input_ids, logits_at=scored).logits, teacher_logits, targets, len(targets),
+                             args)[0]
+
+
+def step_races(ours, ours_lora, hf, trainers, sft, dpo, device, student):
+    """The four races, by name. Each contender trains its own copy of the weights."""
     ids, labels = sft["input_ids"].to(device), sft["labels"].to(device)
     pref_ids, pref_labels = dpo["input_ids"].to(device), dpo["labels"].to(device)
-    trl_sft, trl_lora, trl_dpo = trainers["sft"], trainers["lora"], trainers["dpo"]
+    trl_sft, trl_lora, trl_dpo, trl_distill = trainers["sft"], trainers["lora"], trainers["dpo"], trainers["distill"]
     sft_batch, sft_same = sft_inputs(trl_sft, sft)
     lora_batch, lora_same = sft_inputs(trl_lora, sft)
     dpo_batch = dpo_trl_inputs(trl_dpo, dpo["labels"], dpo["input_ids"])
     reference = copy.deepcopy(ours).eval().requires_grad_(False)
     give_same_adapters(ours_lora, trl_lora.model)
+    # Our batch, right-padded, with its attention mask: the positions that carry loss are the same for both.
+    distill_batch = trl_distill._prepare_inputs({"input_ids": ids, "labels": labels,
+                                                 "attention_mask": (ids != trl_distill.processing_class.pad_token_id
+                                                                    ).long()})
 
     def dpo_figures(loss, logits):
         """The loss, then the mean log-probabilities of the chosen and the rejected answers."""
@@ -220,6 +253,12 @@ def step_races(ours, ours_lora, hf, trainers, sft, dpo, device):
             train_step_fn(ours_lora, ids, labels, device), trainer_step_fn(trl_lora, lora_batch),
             ids.numel(), lora_same, lambda: (float(ours_lora(ids, labels=labels).loss),),
             lambda: (float(trl_lora.compute_loss(trl_lora.model, lora_batch)),)),
+        "Distillation (GKDTrainer)": StepRace(
+            train_step_fn(copy.deepcopy(student), ids, labels, device,
+                          loss_fn=partial(our_distillation_loss, teacher=reference)),
+            trainer_step_fn(trl_distill, distill_batch), ids.numel(), None,
+            lambda: (float(our_distillation_loss(student, ids, labels, reference)),),
+            lambda: (float(trl_distill.compute_loss(trl_distill.model, distill_batch)),)),
     }
 
 
@@ -265,8 +304,9 @@ def bench_trl(args, device):
                "batch_size": n, "seq_len": seq, "tolerance": loss_tolerance(device), "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ours_lora = add_lora(copy.deepcopy(ours), TRL_LORA)
-        trainers = trl_trainers(hf, tokenizer, conversations, pairs, seq, tmp, device, args.seed)
-        for name, step_race in step_races(ours, ours_lora, hf, trainers, sft, dpo, device).items():
+        student, student_hf = half_size_student(ours, args.seed)
+        trainers = trl_trainers(hf, tokenizer, conversations, pairs, seq, tmp, device, args.seed, student_hf)
+        for name, step_race in step_races(ours, ours_lora, hf, trainers, sft, dpo, device, student).items():
             results["rows"][name] = run_step_race(step_race, sizes, device)
     return results
 
@@ -304,7 +344,7 @@ def trl_notes(t):
 
 
 def run(args, device):
-    """The three races; prints the table (or the JSON) and returns the results."""
+    """The four races; prints the table (or the JSON) and returns the results."""
     results = bench_trl(args, device)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -49,7 +49,7 @@ def test_the_loss_equals_trls_divergence_on_transformers_logits(beta, alpha, tem
     from transformers import LlamaForCausalLM
     from trl.experimental.gkd import GKDTrainer
     from dataset import SFTDataset, collate
-    from distill import distillation_loss
+    from distill import distillation_loss, predicting
     from model import Transformer
     data = write_jsonl(tmp_path / "sft.jsonl", shipped_lines("sft_poetry.jsonl.gz", 8))
     rows = [s for s, _ in zip(SFTDataset(data, tokenizer, 64), range(6))]
@@ -58,9 +58,11 @@ def test_the_loss_equals_trls_divergence_on_transformers_logits(beta, alpha, tem
     assert 0 < int(mask.sum()) < mask.numel()
     args = Namespace(distill_beta=beta, distill_alpha=alpha, distill_temperature=temperature)
     student, frozen = Transformer.from_pretrained(base_model), Transformer.from_pretrained(teacher)
+    scored = predicting(labels)
     with torch.no_grad():
-        ours, (summed, ce) = distillation_loss(student(batch["input_ids"]).logits,
-                                               frozen(batch["input_ids"]).logits, labels, int(mask.sum()), args)
+        ours, (summed, ce) = distillation_loss(student(batch["input_ids"], logits_at=scored).logits,
+                                               frozen(batch["input_ids"], logits_at=scored).logits,
+                                               labels[:, 1:][mask], int(mask.sum()), args)
         hf_student, hf_teacher = (LlamaForCausalLM.from_pretrained(p)(batch["input_ids"]).logits
                                   for p in (base_model, teacher))
     theirs = GKDTrainer.generalized_jsd_loss(hf_student[:, :-1], hf_teacher[:, :-1], labels=labels[:, 1:], beta=beta,

@@ -115,6 +115,25 @@ def test_loss_and_gradient_equal_the_objective_from_transformers(loss_type, beta
             torch.testing.assert_close(param.grad, theirs[to_hf_name(name)].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_log_probs_of_the_labelled_positions_only_equal_those_of_the_full_logits(base_model):
+    """labelled_log_probs runs the output head only where a labelled token comes next: the same values and
+    gradients as per_token_log_probs of every position's logits."""
+    from model import Transformer
+    from modes import labelled_log_probs, per_token_log_probs
+    from rollout import Rollouts
+    batch = Rollouts([[5, 9, 100], [44, 8]], [[7, 8, 9], [10, 11, 12, 13]], [False] * 2, [""] * 2).training_rows(0)
+    results = []
+    for fast in (True, False):
+        model = Transformer.from_pretrained(base_model)
+        log_probs = labelled_log_probs(model, batch["input_ids"], batch["labels"]) if fast else \
+            per_token_log_probs(model(batch["input_ids"]).logits, batch["labels"])
+        (log_probs * torch.arange(1.0, log_probs.shape[1] + 1)).sum().backward()
+        results.append((log_probs.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for fast, full in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+
+
 def test_advantages_are_rewards_against_their_group():
     from grpo import group_advantages
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, 1.0, float("nan"), 3.0, 2.0])
