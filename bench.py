@@ -8,6 +8,7 @@ benchmarks/, whose docstrings say what each measures, how, and at what cost.
     python bench.py --quick --json               small sizes, JSON instead of the table (smoke tests)
     python bench.py --trl runs/demo/sft          our SFT, DPO and LoRA SFT steps against TRL's trainers
                                                  (benchmarks/trl_race.py)
+    python bench.py --trl_grpo runs/demo/sft     our --mode grpo against TRL's GRPOTrainer (benchmarks/trl_grpo.py)
     python bench.py --serve runs/demo/sft        serve.py under load (benchmarks/serving.py)
     python bench.py --cpu_dtype --threads 2      our training step and decoding in float32 and bf16 on this CPU
                                                  (benchmarks/cpu_dtype.py)
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks import cpu_dtype, hf_race, serving, speedrun, trl_race
+from benchmarks import cpu_dtype, hf_race, serving, speedrun, trl_grpo, trl_race
 from benchmarks.common import use_threads
 from benchmarks.hf_race import CONFIGS
 from recipes import SPEEDRUN_RECIPES
@@ -57,6 +58,9 @@ def parse_args(argv=None):
                         "SFTTrainer, DPOTrainer and SFTTrainer + PEFT on this model (without MODEL_DIR: a random "
                         "model of --config's shape)")
     p.add_argument("--speedrun_dir", default="runs/speedrun", help="where --speedrun's runs are kept")
+    p.add_argument("--trl_grpo", default=None, metavar="MODEL_DIR",
+                   help="instead of the sections above, race train_model.py --mode grpo against TRL's GRPOTrainer "
+                        "on this chat model, end to end (the poem-form prompts and reward)")
     p.add_argument("--cpu_dtype", action="store_true",
                    help="instead of the sections above, race our training step in float32 and under bf16 "
                         "autocast, eager and compiled (the demo's and the default model), and greedy decoding, "
@@ -72,6 +76,8 @@ def main(argv=None):
         return speedrun.run(args)
     if args.cpu_dtype:
         return cpu_dtype.run(args)
+    if args.trl_grpo:
+        return trl_grpo.run(args)
     if args.compile is None:
         args.compile = not args.quick
     device = torch.device(args.device)
