@@ -4,9 +4,12 @@
 
 The task: "write a 五言绝句 / 七言绝句 / 五言律诗 / 七言律诗 titled 《X》", answered by a poem of that form
 (4 or 8 lines of 5 or 7 characters; rewards.py), in rhyme. Three files, seeded (the same every time):
-- data/sft_poem_forms.jsonl.gz: form requests answered by a regular poem of the shipped sample (the first
-  20,000 documents) of the form asked for, under its own title, for SFT to teach the form first. Only poems
-  whose even lines rhyme by rewards.py's rule answer: SFT shows the craft it is asked to learn.
+- data/sft_poetry_forms.jsonl.gz: the demo's SFT data: data/sft_poetry.jsonl.gz's conversations with form
+  requests interleaved (one after every second conversation), each answered by a regular poem of the
+  shipped sample (the first 20,000 documents) of the form asked for, under its own title, so that SFT
+  teaches the form first. Only poems whose even lines rhyme by rewards.py's rule answer: SFT shows the
+  craft it is asked to learn. Interleaved in one file because SFT reads its files in order and shuffles
+  only within windows of 64 batches: a second file would train the forms first and the rest after.
 - data/poem_form_prompts.jsonl.gz: GRPO's prompts, form requests on titles of the shipped sample, with the
   columns the rewards read (lines, chars_per_line) and the title.
 - tasks/poem_form.jsonl: held-out requests for lm-eval (tasks/poem_form.yaml), on titles no training file
@@ -81,6 +84,16 @@ def build(corpus, sft_items, prompt_items, held_out_items, seed):
     return sft, prompts, held_out
 
 
+def interleave(conversations, forms):
+    """One form request after every second conversation, the rest of either list at the end."""
+    mixed = []
+    for i, conversation in enumerate(conversations):
+        mixed.append(conversation)
+        if i % 2 == 1 and i // 2 < len(forms):
+            mixed.append(forms[i // 2])
+    return mixed + forms[len(conversations) // 2:]
+
+
 def write_gzip_jsonl(path, records):
     with gzip.GzipFile(path, "wb", mtime=0) as f:  # mtime 0: the same bytes every time
         for record in records:
@@ -101,7 +114,9 @@ def main(argv=None):
     if not os.path.isfile(args.corpus):
         sys.exit(f"error: {args.corpus} does not exist; pass --corpus (the full pretrain_poetry.jsonl)")
     sft, prompts, held_out = build(args.corpus, args.sft_items, args.prompts, args.held_out, args.seed)
-    write_gzip_jsonl(os.path.join(args.data_dir, "sft_poem_forms.jsonl.gz"), sft)
+    with gzip.open(os.path.join(args.data_dir, "sft_poetry.jsonl.gz"), "rt", encoding="utf-8") as f:
+        conversations = [json.loads(line) for line in f]
+    write_gzip_jsonl(os.path.join(args.data_dir, "sft_poetry_forms.jsonl.gz"), interleave(conversations, sft))
     write_gzip_jsonl(os.path.join(args.data_dir, "poem_form_prompts.jsonl.gz"), prompts)
     write_jsonl(os.path.join(args.tasks_dir, "poem_form.jsonl"), held_out)
     print(f"{len(sft)} SFT form requests, {len(prompts)} GRPO prompts, {len(held_out)} held-out requests")

@@ -376,7 +376,10 @@ def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
     def rows(name):
         with gzip.open(os.path.join(REPO, "data", name), "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f]
-    sft, prompts = rows("sft_poem_forms.jsonl.gz"), rows("poem_form_prompts.jsonl.gz")
+    asks = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
+    mixed, prompts = rows("sft_poetry_forms.jsonl.gz"), rows("poem_form_prompts.jsonl.gz")
+    sft = [r for r in mixed if len(r["messages"]) == 2 and any(a in r["messages"][0]["content"] for a in asks)]
+    assert len(mixed) == len(rows("sft_poetry.jsonl.gz")) + len(sft)
     with open(os.path.join(REPO, "tasks", "poem_form.jsonl"), encoding="utf-8") as f:
         held_out = [json.loads(line) for line in f]
     assert len(sft) == len(prompts) == 4000 and len(held_out) == 200
@@ -386,7 +389,7 @@ def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
                      {(4, 5): "五言绝句", (4, 7): "七言绝句", (8, 5): "五言律诗", (8, 7): "七言律诗"}.items()
                      if name in row["messages"][0]["content"])
         assert poem_form([answer], [asked[0]], [asked[1]]) == [1.0] and poem_rhyme([answer], [asked[0]]) == [1.0]
-    training_text = "".join(json.dumps(r, ensure_ascii=False) for r in sft + prompts)
+    training_text = "".join(json.dumps(r, ensure_ascii=False) for r in mixed + prompts)
     for name in ("sft_poetry.jsonl.gz", "pretrain_poetry.jsonl.gz", "dpo_poetry.jsonl.gz"):
         training_text += "".join(json.dumps(r, ensure_ascii=False) for r in rows(name))
     assert not [item["title"] for item in held_out if f"《{item['title']}》" in training_text]
