@@ -5,7 +5,7 @@
 The task: "write a 五言绝句 / 七言绝句 / 五言律诗 / 七言律诗 titled 《X》", answered by a poem of that form
 (4 or 8 lines of 5 or 7 characters; rewards.py), in rhyme. Three files, seeded (the same every time):
 - data/sft_poetry_forms.jsonl.gz: the demo's SFT data: data/sft_poetry.jsonl.gz's conversations with form
-  requests interleaved (one after every second conversation), each answered by a regular poem of the
+  requests interleaved (one after each of the first ones), each answered by a regular poem of the
   shipped sample (the first 20,000 documents) of the form asked for, under its own title, so that SFT
   teaches the form first. Only poems whose even lines rhyme by rewards.py's rule answer: SFT shows the
   craft it is asked to learn. Interleaved in one file because SFT reads its files in order and shuffles
@@ -13,7 +13,8 @@ The task: "write a 五言绝句 / 七言绝句 / 五言律诗 / 七言律诗 tit
 - data/poem_form_prompts.jsonl.gz: GRPO's prompts, form requests on titles of the shipped sample, with the
   columns the rewards read (lines, chars_per_line) and the title.
 - tasks/poem_form.jsonl: held-out requests for lm-eval (tasks/poem_form.yaml), on titles no training file
-  uses (from documents after the 40,000th), phrased in words no training prompt uses.
+  uses (from documents after the 40,000th), in sentences no training prompt uses (the forms' names are the
+  same: a model cannot know that 五律 means 五言律诗 unless it has read it).
 The training phrasings and the held-out ones are disjoint lists below; so are the titles.
 """
 import argparse
@@ -27,10 +28,8 @@ from build_eval_tasks import FIRST_HELD_OUT, SHIPPED_DOCUMENTS, read_corpus, wri
 from rewards import poem_lines, rhyme_score
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-FORMS = {(4, 5): "五言绝句", (4, 7): "七言绝句", (8, 5): "五言律诗", (8, 7): "七言律诗"}
-# The same forms as a held-out request may name them: abbreviations and descriptions.
-HELD_OUT_NAMES = {(4, 5): ["五绝", "四句五言诗"], (4, 7): ["七绝", "四句七言诗"], (8, 5): ["五律", "八句五言诗"],
-                  (8, 7): ["七律", "八句七言诗"]}
+FORMS = {(4, 5): ["五言绝句", "五绝"], (4, 7): ["七言绝句", "七绝"], (8, 5): ["五言律诗", "五律"],
+         (8, 7): ["七言律诗", "七律"]}  # the forms' names, in full and short: training and held-out use both
 TRAIN_PHRASINGS = [
     "请写一首{form}，题目是《{title}》。", "以《{title}》为题，写一首{form}。", "写一首题为《{title}》的{form}。",
     "请以《{title}》为题作{form}一首。", "你能写一首{form}吗？题目：《{title}》", "题目：《{title}》。体裁：{form}。",
@@ -49,7 +48,12 @@ def regular_form(lines):
     return key if key in FORMS and all(len(h) == key[1] for h in halves) else None
 
 
-def request(phrasing, form_name, title, lines, chars):
+def request(rng, phrasings, title, lines, chars):
+    form_name = rng.choice(FORMS[lines, chars])
+    return request_as(rng.choice(phrasings), form_name, title, lines, chars)
+
+
+def request_as(phrasing, form_name, title, lines, chars):
     return {"messages": [{"role": "user", "content": phrasing.format(form=form_name, title=title)}],
             "lines": lines, "chars_per_line": chars, "title": title}
 
@@ -65,33 +69,28 @@ def build(corpus, sft_items, prompt_items, held_out_items, seed):
     rng.shuffle(rhyming)
     sft = []
     for (title, _, lines), (count, chars) in rhyming[:sft_items]:
-        asked = request(rng.choice(TRAIN_PHRASINGS), FORMS[count, chars], title, count, chars)
+        asked = request(rng, TRAIN_PHRASINGS, title, count, chars)
         sft.append({"messages": asked["messages"] + [{"role": "assistant", "content": "\n".join(lines)}]})
     titles = sorted({doc[0] for doc in shipped if len(doc[0]) <= 8})
     prompts = []
     for _ in range(prompt_items):
         count, chars = rng.choice(sorted(FORMS))
-        prompts.append(request(rng.choice(TRAIN_PHRASINGS), FORMS[count, chars], rng.choice(titles), count, chars))
+        prompts.append(request(rng, TRAIN_PHRASINGS, rng.choice(titles), count, chars))
     new_titles = sorted({doc[0] for doc in docs[FIRST_HELD_OUT:] if doc and len(doc[0]) <= 8} - shipped_titles)
     rng.shuffle(new_titles)
     held_out = []
     for i, title in enumerate(new_titles[:held_out_items]):
         count, chars = sorted(FORMS)[i % 4]
-        item = request(rng.choice(HELD_OUT_PHRASINGS), rng.choice(HELD_OUT_NAMES[count, chars]), title, count,
-                       chars)
+        item = request(rng, HELD_OUT_PHRASINGS, title, count, chars)
         held_out.append({"request": item["messages"][0]["content"], "lines": count, "chars_per_line": chars,
                          "title": title})
     return sft, prompts, held_out
 
 
 def interleave(conversations, forms):
-    """One form request after every second conversation, the rest of either list at the end."""
-    mixed = []
-    for i, conversation in enumerate(conversations):
-        mixed.append(conversation)
-        if i % 2 == 1 and i // 2 < len(forms):
-            mixed.append(forms[i // 2])
-    return mixed + forms[len(conversations) // 2:]
+    """A form request after each conversation while they last, the rest of either list at the end."""
+    mixed = [row for pair in zip(conversations, forms) for row in pair]
+    return mixed + conversations[len(forms):] + forms[len(conversations):]
 
 
 def write_gzip_jsonl(path, records):

@@ -16,7 +16,8 @@ import os
 import sys
 
 PROBE_LINES = 2000  # lines read before training to check the file and estimate its length
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "tool": "tool"}
 
 
 class DataError(Exception):
@@ -44,20 +45,43 @@ def mode_hint(record):
 
 
 def parse_conversation(record):
-    """Messages as [{"role", "content"}] from `messages` (role/content) or BelleGroup `conversations`."""
+    """Messages as [{"role", "content"}] from `messages` (role/content) or BelleGroup `conversations`; with
+    tools, see parse_chat."""
+    return parse_chat(record)[0]
+
+
+def parse_chat(record):
+    """(messages, tools) of a conversation row: its messages (parse_conversation), and its `tools` (OpenAI's
+    function schemas) or None. With tools, assistant turns may carry `tool_calls` (each call's arguments
+    become an object, whether written as a JSON string, as OpenAI sends them, or as an object) and `tool`
+    turns give their results; a call must name one of the tools, and a tool turn must answer a call."""
     if isinstance(record.get("messages"), list):
         turns, role_key, content_key = record["messages"], "role", "content"
     elif isinstance(record.get("conversations"), list):
         turns, role_key, content_key = record["conversations"], "from", "value"
     else:
         raise BadLine("no list field 'messages' or 'conversations'")
-    messages = parse_turns(turns, role_key, content_key)
+    tools = parse_tools(record.get("tools"))
+    messages = parse_turns(turns, role_key, content_key, tools)
     if not any(m["role"] == "assistant" for m in messages):
         raise BadLine("no assistant turn")
-    return messages
+    return messages, tools
 
 
-def parse_turns(turns, role_key="role", content_key="content"):
+def parse_tools(tools):
+    """{name: schema} of a row's `tools`, None without; the schemas stay as they are, for the template."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise BadLine("'tools' is not a non-empty list of function schemas")
+    names = [tool.get("function", {}).get("name") if isinstance(tool, dict) else None for tool in tools]
+    if not all(isinstance(name, str) and name for name in names):
+        raise BadLine("a tool of 'tools' has no function name: OpenAI's form is "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    return tools
+
+
+def parse_turns(turns, role_key="role", content_key="content", tools=None):
     messages = []
     for turn in turns:
         if not isinstance(turn, dict):
@@ -65,10 +89,42 @@ def parse_turns(turns, role_key="role", content_key="content"):
         role, content = turn.get(role_key), turn.get(content_key)
         if role not in ROLES:
             raise BadLine(f"unknown role {role!r}")
+        if role == "assistant" and turn.get("tool_calls"):
+            messages.append({"role": "assistant", "content": content or "",
+                             "tool_calls": parse_tool_calls(turn["tool_calls"], tools)})
+            continue
         if not isinstance(content, str):
             raise BadLine(f"{content_key} of a {role} turn is not a string")
+        answers_a_call = messages and (messages[-1].get("tool_calls") or messages[-1]["role"] == "tool")
+        if ROLES[role] == "tool" and not answers_a_call:
+            raise BadLine("a tool turn that answers no call: it must follow an assistant turn with tool_calls")
         messages.append({"role": ROLES[role], "content": content})
     return messages
+
+
+def parse_tool_calls(calls, tools):
+    """[{"type": "function", "function": {"name", "arguments": object}}] of an assistant turn's tool_calls."""
+    if tools is None:
+        raise BadLine("an assistant turn calls a tool, but the row has no 'tools'")
+    names = {tool["function"]["name"] for tool in tools}
+    parsed = []
+    for call in calls if isinstance(calls, list) else [None]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadLine("a tool call has no function name")
+        if function["name"] not in names:
+            raise BadLine(f"a call to {function['name']!r}, which is not among the row's tools "
+                          f"({', '.join(sorted(names))})")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise BadLine(f"the arguments of a call to {function['name']} are not JSON: {arguments[:40]!r}")
+        if not isinstance(arguments, dict):
+            raise BadLine(f"the arguments of a call to {function['name']} are not a JSON object")
+        parsed.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return parsed
 
 
 def parse_preference(record):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from corpus import (PROBE_LINES, DataError, corpus_rows, data_files, estimate_rows, parse_conversation,
-                    parse_preference, parse_prompt, parse_text, read_records)
+from corpus import (PROBE_LINES, DataError, corpus_rows, data_files, estimate_rows, parse_chat, parse_preference,
+                    parse_prompt, parse_text, read_records)
 from token_cache import cache_dtype, tokenize_documents
 
 RANK_ROWS = 64  # streaming pretraining on N ranks: rows i..i+63 of the corpus go to one rank, in turn
@@ -174,33 +174,39 @@ class ChatDataset(JsonlDataset):
 class SFTDataset(ChatDataset):
     """Conversations rendered with the tokenizer's chat template; loss only on what the assistant says.
 
-    The template's {% generation %} block marks each assistant turn's content and its <|im_end|>, so the
-    model learns to end its answers. Conversations are sorted by length inside windows of 64 global
+    The template's {% generation %} block marks each assistant turn's content (tool calls included) and
+    its <|im_end|>, so the model learns to end its answers; a tool's results and the tools' schemas are
+    never labelled. Conversations are sorted by length inside windows of 64 global
     batches, so a padded batch holds similar lengths, and the window's batches are then trained in a
     random order: trained short to long, each window would end on a run of the longest answers (long
     poems, some cut off before their <|im_end|>), and where the run stops would decide whether the model
     ends its answers. The order depends only on the file, the seed and the epoch, so it is global.
     """
 
-    parse = staticmethod(parse_conversation)
+    parse = staticmethod(parse_chat)
 
     def _items(self, epoch):
-        conversations = (messages for _, messages in self.records())
+        conversations = (chat for _, chat in self.records())
         for index, window in enumerate(windows(conversations, self.window)):
             yield from self._length_sorted_batches(window, [self.seed, epoch, index])
 
     def _length_sorted_batches(self, window, seed):
         """The window's conversations sorted by length, as global batches in random order; a last,
         partial batch stays last, so that every other batch stays whole."""
-        window = sorted(window, key=conversation_length)
+        window = sorted(window, key=lambda chat: conversation_length(chat[0]))
         size = self.batch_size * self.world_size
         full = len(window) // size
         for batch in np.random.default_rng(seed).permutation(full):
             yield from window[batch * size:(batch + 1) * size]
         yield from window[full * size:]
 
-    def _encode(self, messages):
-        return encode_conversation(self.tokenizer, messages, self.max_length)
+    def _encode(self, chat):
+        messages, tools = chat
+        if tools and "tools" not in self.tokenizer.chat_template:
+            raise DataError(f"{self.tokenizer.name_or_path}: its chat template renders no tools (a tokenizer "
+                            "written before tool calling); train one with tokenizer.py, or save tokenizer.py's "
+                            "CHAT_TEMPLATE into it")
+        return encode_conversation(self.tokenizer, messages, self.max_length, tools)
 
 
 class PreferenceDataset(ChatDataset):
@@ -284,12 +290,12 @@ def windows(items, size):
 
 
 def conversation_length(messages):
-    return sum(len(m["content"]) for m in messages)
+    return sum(len(m["content"]) + len(str(m.get("tool_calls", ""))) for m in messages)
 
 
-def encode_conversation(tokenizer, messages, max_length):
+def encode_conversation(tokenizer, messages, max_length, tools=None):
     """input_ids and labels (-100 outside the assistant's spans), truncated to max_length tokens."""
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+    encoded = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     ids = torch.tensor(encoded["input_ids"][:max_length], dtype=torch.long)
     mask = torch.tensor(encoded["assistant_masks"][:max_length], dtype=torch.bool)

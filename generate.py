@@ -98,7 +98,7 @@ def eos_rate(model, tokenizer, data_path, args, stops, prompts=20):
     from dataset import SFTDataset
     held_out = SFTDataset(data_path, tokenizer, max_length=model.config.max_seq_len, split="val")
     ended = asked = 0
-    for _, messages in held_out.records():
+    for _, (messages, _tools) in held_out.records():
         prompt_messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]

@@ -18,14 +18,37 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML; IM_END is also the eo
 PAD = "<|pad|>"  # a token of its own: padding must never be confused with eos
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, PAD]
 
-# ChatML. The {% generation %} block marks what the model is trained to produce (the assistant's content
-# and its closing <|im_end|>), so SFTDataset takes its loss mask from the template itself.
+# ChatML. The {% generation %} block marks what the model is trained to produce (the assistant's content,
+# its tool calls and its closing <|im_end|>), so SFTDataset takes its loss mask from the template itself.
+# Tools as Qwen2.5 and Hermes write them, which vLLM's hermes parser and llama.cpp read: the schemas in the
+# system turn, each call as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call> in the
+# assistant's turn, each result in a user turn of its own as <tool_response>\n...\n</tool_response>. The
+# instructions are short: a small model's context is short. A call's arguments may be a JSON string (as
+# OpenAI sends them) or an object.
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# 工具\n<tools>\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\n' }}{%- endfor %}"
+    "{{- '</tools>\n调用工具：<tool_call>\n{\"name\": 工具名, \"arguments\": 参数}\n</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{{- '<|im_start|>assistant\n' }}{%- generation %}{{- message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- set function = call['function'] if call['function'] is defined else call %}"
+    "{{- '<tool_call>\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' }}"
+    "{%- if function['arguments'] is string %}{{- function['arguments'] }}"
+    "{%- else %}{{- function['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- elif not (message['role'] == 'system' and loop.first and tools) %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )

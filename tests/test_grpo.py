@@ -370,24 +370,24 @@ def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
     """build_rl_data.py's files: SFT answers are rhyming poems of the form asked for; the held-out requests'
     titles are in no training file and their phrasings in no training prompt."""
     import gzip
-    from build_rl_data import HELD_OUT_PHRASINGS, TRAIN_PHRASINGS
+    from build_rl_data import FORMS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS
     from rewards import poem_form, poem_rhyme
 
     def rows(name):
         with gzip.open(os.path.join(REPO, "data", name), "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f]
-    asks = ("五言绝句", "七言绝句", "五言律诗", "七言律诗")
+    import re
+    frames = [re.compile(re.escape(p).replace(r"\{form\}", "(.+)").replace(r"\{title\}", "(.+)") + "$")
+              for p in TRAIN_PHRASINGS]
     mixed, prompts = rows("sft_poetry_forms.jsonl.gz"), rows("poem_form_prompts.jsonl.gz")
-    sft = [r for r in mixed if len(r["messages"]) == 2 and any(a in r["messages"][0]["content"] for a in asks)]
+    sft = [r for r in mixed if len(r["messages"]) == 2 and any(f.match(r["messages"][0]["content"]) for f in frames)]
     assert len(mixed) == len(rows("sft_poetry.jsonl.gz")) + len(sft)
     with open(os.path.join(REPO, "tasks", "poem_form.jsonl"), encoding="utf-8") as f:
         held_out = [json.loads(line) for line in f]
     assert len(sft) == len(prompts) == 4000 and len(held_out) == 200
     for row in sft[:500]:
         answer = row["messages"][-1]["content"]
-        asked = next((lines, chars) for (lines, chars), name in
-                     {(4, 5): "五言绝句", (4, 7): "七言绝句", (8, 5): "五言律诗", (8, 7): "七言律诗"}.items()
-                     if name in row["messages"][0]["content"])
+        asked = next(form for form, names in FORMS.items() if any(n in row["messages"][0]["content"] for n in names))
         assert poem_form([answer], [asked[0]], [asked[1]]) == [1.0] and poem_rhyme([answer], [asked[0]]) == [1.0]
     training_text = "".join(json.dumps(r, ensure_ascii=False) for r in mixed + prompts)
     for name in ("sft_poetry.jsonl.gz", "pretrain_poetry.jsonl.gz", "dpo_poetry.jsonl.gz"):

@@ -535,7 +535,7 @@ def test_eos_check_asks_held_out_prompts_and_counts_answers_that_end(tokenizer, 
 
     import generate
     from dataset import SFTDataset
-    held_out = [m for _, m in SFTDataset(sft_file, tokenizer, 64, split="val").records()]
+    held_out = [m for _, (m, _) in SFTDataset(sft_file, tokenizer, 64, split="val").records()]
     prompts_seen = []
 
     def fake_complete(model, tok, prompt, args, stops, streamer=None):

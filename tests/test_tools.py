@@ -1,0 +1,153 @@
+"""Tool calling: the chat template against a conversation rendered by hand (transformers' apply_chat_template
+renders it), the loss mask of a tool conversation, bad tool rows, the call parser, and search_poems."""
+import json
+import os
+
+import pytest
+
+from conftest import TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
+
+SEARCH = {"type": "function", "function": {"name": "search_poems", "description": "搜索诗词",
+                                           "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                                          "required": ["query"]}}}
+CONVERSATION = [
+    {"role": "system", "content": "你是诗词助手。"},
+    {"role": "user", "content": "《静夜思》的作者是谁？"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search_poems", "arguments": '{"query": "静夜思"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "《静夜思》 李白\n床前明月光，疑是地上霜。"},
+    {"role": "assistant", "content": "《静夜思》的作者是李白。"},
+]
+BY_HAND = (
+    "<|im_start|>system\n你是诗词助手。\n\n# 工具\n<tools>\n"
+    '{"type": "function", "function": {"name": "search_poems", "description": "搜索诗词", "parameters": '
+    '{"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}\n</tools>\n'
+    '调用工具：<tool_call>\n{"name": 工具名, "arguments": 参数}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\n《静夜思》的作者是谁？<|im_end|>\n"
+    '<|im_start|>assistant\n<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call>'
+    "<|im_end|>\n"
+    "<|im_start|>user\n<tool_response>\n《静夜思》 李白\n床前明月光，疑是地上霜。\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n《静夜思》的作者是李白。<|im_end|>\n"
+)
+
+
+def test_the_template_renders_tools_calls_and_results_as_written_by_hand(tokenizer):
+    assert tokenizer.apply_chat_template(CONVERSATION, tools=[SEARCH], tokenize=False) == BY_HAND
+    as_object = json.loads(json.dumps(CONVERSATION))
+    as_object[2]["tool_calls"][0]["function"]["arguments"] = {"query": "静夜思"}  # an object, not a JSON string
+    assert tokenizer.apply_chat_template(as_object, tools=[SEARCH], tokenize=False) == BY_HAND
+    plain = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    assert tokenizer.apply_chat_template(plain, tokenize=False) == \
+        "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n你好！<|im_end|>\n"  # as before tools
+
+
+def test_the_loss_mask_of_a_tool_conversation_is_the_calls_and_answers_only(tokenizer):
+    from corpus import parse_chat
+    from dataset import encode_conversation
+    messages, tools = parse_chat({"tools": [SEARCH], "messages": CONVERSATION})
+    sample = encode_conversation(tokenizer, messages, 4096, tools)
+    labelled = tokenizer.decode([t for t in sample["labels"].tolist() if t != -100])
+    assert labelled == ('<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call>'
+                        "<|im_end|>《静夜思》的作者是李白。<|im_end|>")
+
+
+def tool_rows():
+    """Tool conversations, then ordinary SFT rows: a file to train on."""
+    row = {"tools": [SEARCH], "messages": CONVERSATION}
+    return [row] * 50 + shipped_lines("sft_poetry.jsonl.gz", 350)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "delete_poems", "arguments": "{}"}}]}]},
+     "a call to 'delete_poems', which is not among the row's tools (search_poems)"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "search_poems", "arguments": "{query: 1"}}]}]},
+     "the arguments of a call to search_poems are not JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "result"},
+                   {"role": "assistant", "content": "a"}]},
+     "a tool turn that answers no call"),
+])
+def test_bad_tool_rows_are_named(bad, message, tmp_path, base_model):
+    rows = tool_rows()
+    rows.insert(2, {"tools": [SEARCH], **bad})
+    data = write_jsonl(tmp_path / "sft_tools.jsonl", rows)
+    argv = ["--data_path", data, "--out_dir", tmp_path / "out", *TINY_MODEL_ARGS, "--init_from", base_model,
+            "--max_steps", "1", "--batch_size", "2", "--eval_batches", "1", "--save_interval", "0"]
+    error = run_main([*argv, "--strict"])
+    assert error.startswith(f"error: {data}:3: {message}") and error.endswith("(--strict stops at the first bad line)")
+
+
+def test_a_tokenizer_whose_template_renders_no_tools_is_named(tmp_path, tokenizer, base_model):
+    old = tmp_path / "old_tokenizer"
+    tokenizer.save_pretrained(str(old))
+    (old / "chat_template.jinja").write_text(
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['role'] == "
+        "'assistant' %}{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+        "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}")
+    data = write_jsonl(tmp_path / "sft_tools.jsonl", tool_rows()[:50] * 8)  # every batch holds a tool conversation
+    error = run_main(["--data_path", data, "--out_dir", tmp_path / "out", *TINY_MODEL_ARGS, "--tokenizer_path", old,
+                      "--init_from", base_model, "--max_steps", "1", "--batch_size", "2", "--eval_batches", "1"])
+    assert isinstance(error, str) and "its chat template renders no tools" in error and "\n" not in error
+
+
+def test_sft_on_tool_conversations_trains(tmp_path, base_model):
+    data = write_jsonl(tmp_path / "sft_tools.jsonl", tool_rows())
+    out = tmp_path / "out"
+    assert run_main(["--data_path", data, "--out_dir", out, *TINY_MODEL_ARGS, "--init_from", base_model,
+                     "--max_steps", "2", "--batch_size", "4", "--eval_batches", "1", "--save_interval", "0"]) is None
+    assert os.path.isfile(out / "model.safetensors")
+
+
+# --- parsing calls ---------------------------------------------------------------------------------------
+
+def test_calls_are_parsed_and_malformed_ones_are_told_apart():
+    from tools import parse_tool_calls
+    text = '好的。<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call>'
+    assert parse_tool_calls(text, {"search_poems"}) == ("好的。", [{"name": "search_poems",
+                                                                     "arguments": {"query": "静夜思"}}], False)
+    two = text + '<tool_call>{"name": "search_poems", "arguments": {"query": "春晓"}}</tool_call>'
+    assert [c["arguments"]["query"] for c in parse_tool_calls(two, {"search_poems"})[1]] == ["静夜思", "春晓"]
+    for broken in ('<tool_call>{"name": "search_poems", "arguments": {"query": </tool_call>',
+                   '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+                   '<tool_call>["search_poems"]</tool_call>'):
+        assert parse_tool_calls(broken, {"search_poems"})[2], broken
+    assert parse_tool_calls("没有调用。", {"search_poems"}) == ("没有调用。", [], False)
+
+
+# --- search_poems ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    from build_rl_data import write_gzip_jsonl
+    from tools import PoemIndex
+    path = tmp_path_factory.mktemp("index") / "poems.jsonl.gz"
+    write_gzip_jsonl(str(path), [
+        {"title": "静夜思", "author": "李白", "text": "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"},
+        {"title": "渔家傲", "author": "范仲淹", "text": "塞下秋来风景异，衡阳雁去无留意。"},
+        {"title": "渔家傲", "author": "欧阳修", "text": "花底忽闻敲两桨，逡巡女伴来寻访。"},
+        {"title": "春晓", "author": "孟浩然", "text": "春眠不觉晓，处处闻啼鸟。"},
+        {"title": "雪", "author": "罗隐", "text": "尽道丰年瑞，丰年事若何。"}])
+    return PoemIndex(str(path))
+
+
+def test_search_finds_titles_lines_and_short_titles(index):
+    from tools import format_matches
+    assert index.search("《静夜思》")[0][:2] == ("静夜思", "李白")
+    assert index.search("“疑是地上霜”")[0][:2] == ("静夜思", "李白")  # a quoted line
+    assert index.search("雪")[0][:2] == ("雪", "罗隐")  # one character: no trigram, an exact title
+    assert {a for _, a, _ in index.search("渔家傲")} == {"范仲淹", "欧阳修"}  # every poet of a shared title
+    assert index.search("不存在的诗题") == []
+    text = format_matches("静夜思", index.search("静夜思"))
+    assert text.startswith("《静夜思》 李白\n床前明月光") and "低头思故乡" in text  # the best match whole
+    assert format_matches("渔家傲", index.search("渔家傲")).count("《渔家傲》") == 2
+
+
+def test_the_shipped_index_finds_a_held_out_poem_by_its_title():
+    """The index holds the held-out poems too (the tool's knowledge), and the held-out questions ask about
+    titles the training conversations never mention."""
+    from tools import search_poems
+    with open(os.path.join(os.path.dirname(__file__), "..", "tasks", "poetry_tools.jsonl"), encoding="utf-8") as f:
+        items = [json.loads(line) for line in f]
+    for item in items[:20]:
+        assert f"《{item['title']}》 {item['author']}" in search_poems(item["title"]).splitlines()[0], item
