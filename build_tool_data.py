@@ -30,8 +30,9 @@ from build_rl_data import write_gzip_jsonl
 REPO = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = [None, "你是一个熟读古诗词的AI助手。", "你可以使用工具查找诗词。"]
 BY_TITLE = ["《{title}》的作者是谁？", "谁写了《{title}》？", "《{title}》是哪位诗人的作品？",
-            "请问《{title}》出自谁手？", "《{title}》这首诗是谁写的？", "你知道《{title}》的作者吗？", "查一下《{title}》的作者。",
-            "《{title}》，作者是哪位？", "《{title}》是谁的诗？", "我想知道《{title}》是谁写的。"]
+            "请问《{title}》出自谁手？", "《{title}》这首诗是谁写的？", "你知道《{title}》的作者吗？",
+            "查一下《{title}》的作者。", "《{title}》，作者是哪位？", "《{title}》是谁的诗？",
+            "我想知道《{title}》是谁写的。"]
 BY_LINE = ["“{line}”出自哪首作品？", "“{line}”是谁写的？", "“{line}”这句诗的作者是谁？", "哪首诗里有“{line}”？",
            "“{line}”出自谁的诗？", "请问“{line}”是哪首诗中的句子？", "“{line}”——这是谁的诗句？",
            "查查“{line}”的出处。"]
@@ -65,7 +66,7 @@ def tool_conversation(rng, question, query, answer, search):
     return {"tools": [SEARCH_POEMS], "messages": messages}
 
 
-def build(corpus, data_dir, tasks_dir, conversations, held_out_items, seed):
+def build(corpus, data_dir, tasks_dir, conversations, held_out_count, seed):
     from tools import PoemIndex
     docs = read_corpus(corpus)
     rng = random.Random(seed)
@@ -85,7 +86,7 @@ def build(corpus, data_dir, tasks_dir, conversations, held_out_items, seed):
     rows += no_tool_conversations(rng, data_dir, conversations // 4)
     rng.shuffle(rows)
     write_gzip_jsonl(os.path.join(data_dir, "sft_tools.jsonl.gz"), rows)
-    held_out = held_out_items(rng, docs, authors_of, held_out_items)
+    held_out = held_out_items(rng, docs, authors_of, held_out_count)
     write_jsonl(os.path.join(tasks_dir, "poetry_tools.jsonl"), held_out)
     print(f"{sum(1 for _ in index_rows(docs))} poems in the index, {len(rows)} SFT conversations "
           f"({conversations} with a call), {len(held_out)} held-out questions")

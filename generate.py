@@ -3,11 +3,13 @@
     python generate.py --model base_model --prompt "《静夜思》 李白"
     python generate.py --model sft_model --chat                      (interactive; empty line or Ctrl-D ends)
     python generate.py --model sft_model --chat --prompt "请背诵《静夜思》"   (one chat turn)
+    python generate.py --model tool_model --chat --tools search_poems      (the model may search the poems)
 
 Only the new text goes to stdout. Generation stops where transformers' `generate` stops for the model: at
 any id of its generation_config.json's eos_token_id (<|im_end|> and <|endoftext|> for our models).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -15,6 +17,7 @@ import torch
 
 from hardware import add_dtype_argument, autocast, choose_dtype, warn_if_emulated
 from model import Transformer
+from tools import BUILT_IN, parse_tool_calls, run_tool, tool_schemas
 
 
 class TextStreamer:
@@ -55,11 +58,33 @@ def stop_ids(model_dir, tokenizer):
 
 
 def reply(model, tokenizer, messages, args, stops, stream=True):
-    """The assistant's answer to the conversation so far, streamed to stdout when `stream`."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
-    new_ids = complete(model, tokenizer, prompt, args, stops, TextStreamer(tokenizer) if stream else None)
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
+    """The assistant's answer to the conversation so far, streamed to stdout when `stream`. With --tools, a
+    call the answer makes runs, its result joins the conversation (shown to the user) and the model goes
+    on, up to --max_tool_calls times; the messages of the calls and results are appended to `messages`."""
+    tools = tool_schemas(args.tools.split(",")) if args.tools else None
+    for _ in range(args.max_tool_calls + 1 if tools else 1):
+        prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        new_ids = complete(model, tokenizer, prompt, args, stops, TextStreamer(tokenizer) if stream else None)
+        answer = tokenizer.decode(new_ids, skip_special_tokens=True)
+        content, calls, malformed = parse_tool_calls(answer, {t["function"]["name"] for t in tools or []})
+        if not calls or malformed:
+            return answer
+        messages.append(call_message(content, calls))
+        for call in messages[-1]["tool_calls"]:
+            result = run_tool(call["function"]["name"], call["function"]["arguments"])
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+            if stream:
+                print(f"\n<tool_response>\n{result}\n</tool_response>", flush=True)
+    return answer
+
+
+def call_message(content, calls):
+    """The assistant message of a turn that calls tools, in OpenAI's form (ids, arguments as JSON)."""
+    return {"role": "assistant", "content": content, "tool_calls": [
+        {"id": f"call_{i}", "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for i, c in enumerate(calls)]}
 
 
 def complete(model, tokenizer, prompt_ids, args, stops, streamer=None):
@@ -125,6 +150,10 @@ def parse_args(argv=None):
                    help="report how often answers to 20 held-out prompts end with <|im_end|>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_dtype_argument(p, "generate")
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help=f"--chat with these built-in tools, comma-separated ({', '.join(BUILT_IN)}): the model's "
+                        "calls run and their results go back to it")
+    p.add_argument("--max_tool_calls", type=int, default=3, help="tool calls per answer at most")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: about twice the tokens/s on CPU, after 5-20 s of "
                         "compiling on first use (once more when the context length first changes)")
@@ -133,6 +162,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    unknown = [name for name in (args.tools or "").split(",") if name and name not in BUILT_IN]
+    if unknown:
+        sys.exit(f"error: --tools: no built-in tool {', '.join(unknown)}; there is {', '.join(BUILT_IN)}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load(args.model, args.device)

@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException
 from generate import TextStreamer, load, stop_ids
 from hardware import add_dtype_argument, autocast, choose_dtype, warn_if_emulated
 from model import KVCache, sample_next_token
+from tools import BUILT_IN, parse_tool_calls, run_tool, tool_schemas
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "chat.html")
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -362,12 +363,59 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self):
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self):
+        """The message as the chat template reads it (the calls' arguments parsed: they must be JSON)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError:
+                    raise APIError(400, f"The arguments of the call to {call.function.name} are not JSON.",
+                                   "messages")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            message["tool_calls"] = calls
+        return message
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionCall | dict
 
 
 class StreamOptions(BaseModel):
@@ -398,6 +446,21 @@ class SamplingRequest(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+
+    def offered_tools(self):
+        """The schemas the model sees ([] with tool_choice "none"), and the name a named tool_choice forces."""
+        if not self.tools or self.tool_choice == "none":
+            return [], None
+        schemas = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function["name"] if isinstance(self.tool_choice.function, dict) \
+                else self.tool_choice.function.name
+            if name not in {tool.function.name for tool in self.tools}:
+                raise APIError(400, f"tool_choice names {name!r}, which is not among 'tools'.", "tool_choice")
+            return schemas, name
+        return schemas, None
 
 
 class CompletionRequest(SamplingRequest):
@@ -456,10 +519,23 @@ def key_check(api_key):
 # --- a request -> prompt ids and the scheduler's Sequence --------------------------------------
 
 def chat_prompt_ids(tokenizer, body):
-    """The conversation in the model's chat template, ending where the assistant's answer starts."""
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"]
+    """(prompt ids, forced start of the answer): the conversation in the model's chat template, with the
+    request's tools, ending where the assistant's answer starts. tool_choice "required" or a named tool
+    makes the answer start as a call (to that tool): the template's call opening is appended to the prompt
+    and is the start of the answer, which ChatAnswer reads back."""
+    schemas, named = body.offered_tools()
+    if schemas and "tools" not in (tokenizer.chat_template or ""):
+        raise APIError(400, "This model's chat template renders no tools (a tokenizer written before tool "
+                            "calling).", "tools")
+    messages = [m.for_template() for m in body.messages]
+    prompt = tokenizer.apply_chat_template(messages, tools=schemas or None, add_generation_prompt=True,
+                                           tokenize=False)
+    forced = ""
+    if named is not None:
+        forced = f'<tool_call>\n{{"name": "{named}", "arguments": '
+    elif body.tool_choice == "required":
+        forced = '<tool_call>\n{"name": "'
+    return tokenizer(prompt + forced, add_special_tokens=False)["input_ids"], forced
 
 
 def completion_prompt_ids(tokenizer, body):
@@ -509,20 +585,60 @@ def choice(fields, finish_reason):
 
 class ChatAnswer:
     """The generated text as chat.completion's choices: the assistant's message (whole), or the deltas
-    that make it up (stream: opening, piece and closing give the choices to send, a chunk each)."""
+    that make it up (stream: opening, piece and closing give the choices to send, a chunk each).
+
+    With tools, the text may hold calls (<tool_call>{json}</tool_call>): the message then has tool_calls
+    (ids, name, arguments as a JSON string) and the finish reason is "tool_calls". Streamed, the text from
+    a possible call's first "<" on is held back until the answer ends, then sent as tool-call deltas. A call
+    the model writes badly (not JSON, a tool not offered) comes back as plain content."""
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
+    def __init__(self, tool_names=(), forced=""):
+        self.tool_names, self.held, self.sent = set(tool_names), forced, False
+
     def whole(self, text, finish_reason):
-        return choice({"message": {"role": "assistant", "content": text}}, finish_reason)
+        content, calls = self.calls_of(self.held + text)
+        message = {"role": "assistant", "content": content if not calls else (content or None)}
+        if calls:
+            message["tool_calls"] = calls
+        return choice({"message": message}, "tool_calls" if calls else finish_reason)
 
     def opening(self):  # the role, before any text
         return [choice({"delta": {"role": "assistant", "content": ""}}, None)]
 
     def piece(self, text):
-        return [choice({"delta": {"content": text}}, None)]
+        if not self.tool_names:
+            return [choice({"delta": {"content": text}}, None)]
+        text, self.held = hold_back(self.held + text)
+        return [choice({"delta": {"content": text}}, None)] if text else []
 
     def closing(self, finish_reason):
-        return [choice({"delta": {}}, finish_reason)]
+        content, calls = self.calls_of(self.held)
+        pieces = [choice({"delta": {"content": content}}, None)] if content else []
+        for index, call in enumerate(calls):
+            pieces.append(choice({"delta": {"tool_calls": [{"index": index, **call}]}}, None))
+        return pieces + [choice({"delta": {}}, "tool_calls" if calls else finish_reason)]
+
+    def calls_of(self, text):
+        """(content, OpenAI tool_calls) of a text; a malformed call keeps the whole text as content."""
+        if not self.tool_names:
+            return text, []
+        content, calls, malformed = parse_tool_calls(text, self.tool_names)
+        if malformed or not calls:
+            return text, []
+        return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                          "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                         for c in calls]
+
+
+def hold_back(text, opening="<tool_call>"):
+    """(what may be sent now, what is held): the text up to a call's opening, or up to an end that could
+    be the start of one."""
+    start = text.find(opening)
+    if start < 0:
+        start = next((i for i in range(max(0, len(text) - len(opening) + 1), len(text))
+                      if opening.startswith(text[i:])), len(text))
+    return text[:start], text[start:]
 
 
 class CompletionAnswer:
@@ -609,9 +725,10 @@ async def event_stream(events, answer, head, include_usage):
 
 # --- the app -----------------------------------------------------------------------------------
 
-def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
+def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None, built_in_tools=()):
     """The FastAPI app. `tokenizer` encodes prompts in the event loop: it must not be the scheduler's,
-    which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared)."""
+    which decodes at the same time in its own thread (a Rust tokenizer object is not to be shared).
+    built_in_tools: the names of tools.py's tools that /tools offers and runs (the chat page's)."""
     app = FastAPI(title="Tiny-LLM", docs_url=None, redoc_url=None)
     add_error_handlers(app)
     with_key = [Depends(key_check(api_key))]
@@ -639,11 +756,30 @@ def create_app(scheduler, tokenizer, model_name, max_seq_len, api_key=None):
 
     @app.post("/v1/chat/completions", dependencies=with_key)
     async def chat_completions(body: ChatRequest):
-        prompt_ids = chat_prompt_ids(tokenizer, body)
+        prompt_ids, forced = chat_prompt_ids(tokenizer, body)
         # Without max_tokens, an answer may fill the rest of the context (OpenAI's default).
         max_tokens = answer_max_tokens(body, len(prompt_ids), max_seq_len, max_seq_len, "messages")
         sequence = sequence_for(body, prompt_ids, max_tokens, scheduler.device)
-        return await respond(scheduler, sequence, body, ChatAnswer(), model_name)
+        names = [tool["function"]["name"] for tool in body.offered_tools()[0]]
+        return await respond(scheduler, sequence, body, ChatAnswer(names, forced), model_name)
+
+    @app.get("/tools")
+    async def tools():
+        """The built-in tools this server runs (--tools), for the chat page to offer its model."""
+        return {"tools": tool_schemas(built_in_tools)}
+
+    @app.post("/tools/{name}")
+    async def run(name: str, request: Request):
+        """Run a built-in tool of --tools on the JSON arguments of the body: {"content": result}."""
+        if name not in built_in_tools:
+            raise APIError(404, f"This server runs no tool {name!r}.", "name")
+        try:
+            arguments = await request.json()
+        except json.JSONDecodeError:
+            raise APIError(400, "The arguments are not JSON.")
+        if not isinstance(arguments, dict):
+            raise APIError(400, "The arguments must be a JSON object.")
+        return {"content": await asyncio.to_thread(run_tool, name, arguments)}
 
     @app.post("/v1/completions", dependencies=with_key)
     async def completions(body: CompletionRequest):
@@ -666,6 +802,8 @@ def parse_args(argv=None):
     add_dtype_argument(p, "decode")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (compiled at start-up, before the first request)")
+    p.add_argument("--tools", default="", metavar="NAMES",
+                   help=f"built-in tools the chat page offers the model and /tools runs ({', '.join(BUILT_IN)})")
     return p.parse_args(argv)
 
 
@@ -675,6 +813,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_batch_size < 1:
         sys.exit(f"error: --max_batch_size must be at least 1, not {args.max_batch_size}")
+    built_in_tools = [name for name in args.tools.split(",") if name]
+    unknown = [name for name in built_in_tools if name not in BUILT_IN]
+    if unknown:
+        sys.exit(f"error: --tools: no built-in tool {', '.join(unknown)}; there is {', '.join(BUILT_IN)}")
     model, scheduler_tokenizer = load(args.model, args.device)
     dtype, _ = choose_dtype(next(model.parameters()).device, args.dtype, job="decode")
     warn_if_emulated(next(model.parameters()).device, dtype)
@@ -683,7 +825,7 @@ def main(argv=None):
     threading.Thread(target=scheduler.run, name="scheduler", daemon=True).start()
     model_name = os.path.basename(os.path.normpath(args.model))
     app = create_app(scheduler, AutoTokenizer.from_pretrained(args.model), model_name, model.config.max_seq_len,
-                     args.api_key)
+                     args.api_key, built_in_tools)
     print(f"serving {model_name} ({model.num_params() / 1e6:.2f}M parameters, {model.config.max_seq_len} "
           f"tokens of context) on http://{args.host}:{args.port}/ ; OpenAI API at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)

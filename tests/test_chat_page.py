@@ -98,3 +98,36 @@ def test_an_error_is_shown_not_swallowed(page):
     page.click("#send")
     page.wait_for_selector(".message.assistant.error")
     assert "context length" in page.locator(".message.assistant.error").text_content()
+
+
+def test_a_question_answered_with_a_tool_shows_the_call_the_result_and_the_answer(tokenizer, page):
+    """serve.py's app with --tools search_poems, its model scripted to call the tool and then answer
+    (test_tools.py's ScriptedScheduler): in the browser, the call, the search's real result and the answer."""
+    import threading
+    import uvicorn
+    from benchmarks.common import free_port
+    from serve import create_app
+    from test_tools import CALL_TEXT, ScriptedScheduler
+    scheduler = ScriptedScheduler([CALL_TEXT, "《静夜思》的作者是李白。"])
+    app = create_app(scheduler, tokenizer, "tiny-tools", 1024, built_in_tools=["search_poems"])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    tab = page.context.browser.new_page()  # the module's browser, another page
+    try:
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(f"http://127.0.0.1:{port}/")
+        tab.wait_for_function("() => document.querySelector('#status').textContent.includes('search_poems')")
+        tab.fill("#input", "《静夜思》的作者是谁？")
+        tab.press("#input", "Enter")
+        tab.wait_for_function("() => !document.querySelector('#send').disabled && "
+                              "document.querySelectorAll('.message.assistant').length > 0")
+        call = tab.locator(".message.call").inner_text()
+        assert "search_poems" in call and "静夜思" in call
+        assert tab.locator(".message.result").inner_text().startswith("《静夜思》 李白")
+        assert tab.locator(".message.assistant").last.inner_text() == "《静夜思》的作者是李白。"
+    finally:
+        tab.close()
+        server.should_exit = True
+    second = tokenizer.decode(scheduler.prompts[1])
+    assert "<tool_response>\n《静夜思》 李白" in second  # the page sent the result back to the model

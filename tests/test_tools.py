@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl
 
@@ -14,7 +15,8 @@ CONVERSATION = [
     {"role": "system", "content": "你是诗词助手。"},
     {"role": "user", "content": "《静夜思》的作者是谁？"},
     {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "search_poems", "arguments": '{"query": "静夜思"}'}}]},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "search_poems", "arguments": '{"query": "静夜思"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "《静夜思》 李白\n床前明月光，疑是地上霜。"},
     {"role": "assistant", "content": "《静夜思》的作者是李白。"},
 ]
@@ -151,3 +153,131 @@ def test_the_shipped_index_finds_a_held_out_poem_by_its_title():
         items = [json.loads(line) for line in f]
     for item in items[:20]:
         assert f"《{item['title']}》 {item['author']}" in search_poems(item["title"]).splitlines()[0], item
+
+
+# --- the OpenAI protocol: serve.py with a scripted model ---------------------------------------------------
+
+class ScriptedScheduler:
+    """serve.Scheduler's interface, answering every request with the next of `answers`, in pieces of 3
+    characters (as streamed tokens arrive); the prompts it got are kept."""
+
+    def __init__(self, answers):
+        self.answers, self.prompts, self.device = list(answers), [], torch.device("cpu")
+
+    def submit(self, sequence):
+        self.prompts.append(sequence.prompt_ids)
+        text = self.answers.pop(0)
+        for start in range(0, len(text), 3):
+            sequence.post("text", text[start:start + 3])
+        sequence.post("end", "stop", {"prompt_tokens": len(sequence.prompt_ids), "completion_tokens": 1,
+                                      "total_tokens": len(sequence.prompt_ids) + 1})
+
+    def stats(self):
+        return {"running": 0, "waiting": 0, "finished": {}}
+
+
+CALL_TEXT = '<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call>'
+
+
+def scripted_client(tokenizer, answers, built_in=()):
+    """(an openai.AsyncOpenAI client of serve.py's app on a ScriptedScheduler, the scheduler)."""
+    import httpx
+    import openai
+    from serve import create_app
+    scheduler = ScriptedScheduler(answers)
+    app = create_app(scheduler, tokenizer, "tiny", 1024, built_in_tools=built_in)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http, max_retries=0), scheduler
+
+
+def ask(client, stream=False, **kwargs):
+    import asyncio
+
+    async def request():
+        answer = await client.chat.completions.create(
+            model="tiny", messages=kwargs.pop("messages", [{"role": "user", "content": "《静夜思》的作者是谁？"}]),
+            stream=stream, **kwargs)
+        if not stream:
+            return answer
+        return [chunk async for chunk in answer]
+    return asyncio.run(request())
+
+
+def test_a_call_comes_back_as_tool_calls(tokenizer):
+    client, scheduler = scripted_client(tokenizer, [CALL_TEXT])
+    answer = ask(client, tools=[SEARCH])
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and not message.content
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "search_poems"
+    assert json.loads(call.function.arguments) == {"query": "静夜思"}
+    prompt = tokenizer.decode(scheduler.prompts[0])
+    assert "<tools>" in prompt and '"name": "search_poems"' in prompt  # the model saw the tool
+
+
+def test_a_streamed_call_comes_as_tool_call_deltas(tokenizer):
+    client, _ = scripted_client(tokenizer, ["好的。" + CALL_TEXT])
+    chunks = ask(client, stream=True, tools=[SEARCH])
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert content == "好的。" and "<tool" not in content  # the markup never reaches the user as text
+    assert deltas[0].function.name == "search_poems" and deltas[0].id.startswith("call_")
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"query": "静夜思"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("text", ['<tool_call>{"name": "search_poems", "arguments": {"query": </tool_call>',
+                                  '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_malformed_call_comes_back_as_plain_content(tokenizer, text, stream):
+    client, _ = scripted_client(tokenizer, [text])
+    answer = ask(client, stream=stream, tools=[SEARCH])
+    if stream:
+        content = "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+        finish = answer[-1].choices[0].finish_reason
+    else:
+        content, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
+    assert content == text and finish == "stop"
+
+
+def test_the_conversation_goes_on_after_a_tool_message(tokenizer):
+    client, scheduler = scripted_client(tokenizer, ["《静夜思》的作者是李白。"])
+    messages = [{"role": "user", "content": "《静夜思》的作者是谁？"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "search_poems", "arguments": '{"query": "静夜思"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "《静夜思》 李白\n床前明月光"}]
+    answer = ask(client, tools=[SEARCH], messages=messages)
+    assert answer.choices[0].message.content == "《静夜思》的作者是李白。"
+    prompt = tokenizer.decode(scheduler.prompts[0])
+    assert prompt.endswith("<tool_response>\n《静夜思》 李白\n床前明月光\n</tool_response><|im_end|>\n"
+                           "<|im_start|>assistant\n")
+
+
+def test_tool_choice_forces_none_a_call_or_a_named_call(tokenizer):
+    client, scheduler = scripted_client(tokenizer, [CALL_TEXT, 'search_poems", "arguments": {"query": "春晓"}}\n'
+                                                    "</tool_call>", '{"query": "雪"}}\n</tool_call>'])
+    assert ask(client, tools=[SEARCH], tool_choice="none").choices[0].message.content == CALL_TEXT
+    assert "<tools>" not in tokenizer.decode(scheduler.prompts[0])
+    required = ask(client, tools=[SEARCH], tool_choice="required").choices[0].message
+    assert tokenizer.decode(scheduler.prompts[1]).endswith('<|im_start|>assistant\n<tool_call>\n{"name": "')
+    assert json.loads(required.tool_calls[0].function.arguments) == {"query": "春晓"}
+    named = ask(client, tools=[SEARCH], tool_choice={"type": "function", "function": {"name": "search_poems"}})
+    assert json.loads(named.choices[0].message.tool_calls[0].function.arguments) == {"query": "雪"}
+
+
+def test_the_chat_pages_tools_are_offered_and_run(tokenizer):
+    import asyncio
+    import httpx
+    from serve import create_app
+    app = create_app(ScriptedScheduler([]), tokenizer, "tiny", 1024, built_in_tools=["search_poems"])
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            offered = (await http.get("/tools")).json()["tools"]
+            result = (await http.post("/tools/search_poems", json={"query": "静夜思"})).json()["content"]
+            unknown = await http.post("/tools/rm_rf", json={})
+            return offered, result, unknown
+    offered, result, unknown = asyncio.run(calls())
+    assert [t["function"]["name"] for t in offered] == ["search_poems"]
+    assert result.startswith("《静夜思》 李白\n床前") and "低头思故乡" in result and unknown.status_code == 404
