@@ -60,26 +60,32 @@ class PoemIndex:
         if not query:
             return []
         db = self.connection()
-        exact = db.execute("SELECT title, author, text FROM poems WHERE title = ? OR author = ? ORDER BY "
-                           "title != ?, rowid LIMIT ?", (query, query, query, limit)).fetchall()
+        exact = db.execute("SELECT title, author, text FROM poems WHERE title = ? UNION ALL SELECT title, author, "
+                           "text FROM poems WHERE author = ? LIMIT ?", (query, query, limit)).fetchall()
         if len(query.replace(" ", "")) < 3:
             return exact
         phrase = " ".join(f'"{part}"' for part in query.split() if len(part) >= 3) or f'"{query}"'
-        ranked = db.execute("SELECT title, author, text FROM poems WHERE poems MATCH ? ORDER BY "
-                            "bm25(poems, 10.0, 5.0, 1.0) LIMIT ?", (phrase, limit)).fetchall()
+        ranked = db.execute("SELECT poems.title, poems.author, poems.text FROM search JOIN poems ON poems.rowid = "
+                            "search.rowid WHERE search MATCH ? ORDER BY bm25(search, 10.0, 5.0, 1.0) LIMIT ?",
+                            (phrase, limit)).fetchall()
         return list(dict.fromkeys(exact + ranked))[:limit]
 
 
 def build_index(source, path):
-    """The SQLite FTS5 table `poems` (title, author, text) of the JSONL's poems, written atomically."""
+    """The SQLite file of the JSONL's poems, written atomically: a table `poems` (title, author, text) with
+    indexes for exact titles and authors, and the FTS5 table `search` over it, trigram-tokenized."""
     tmp = f"{path}.tmp{os.getpid()}"
     if os.path.exists(tmp):
         os.remove(tmp)
     db = sqlite3.connect(tmp)
-    db.execute("CREATE VIRTUAL TABLE poems USING fts5(title, author, text, tokenize='trigram')")
+    db.execute("CREATE TABLE poems (title TEXT, author TEXT, text TEXT)")
     with gzip.open(source, "rt", encoding="utf-8") as f:
         db.executemany("INSERT INTO poems VALUES (?, ?, ?)",
                        ((p["title"], p["author"], p["text"]) for p in map(json.loads, f)))
+    db.execute("CREATE INDEX poems_title ON poems (title)")
+    db.execute("CREATE INDEX poems_author ON poems (author)")
+    db.execute("CREATE VIRTUAL TABLE search USING fts5(title, author, text, content='poems', tokenize='trigram')")
+    db.execute("INSERT INTO search(search) VALUES ('rebuild')")
     db.commit()
     db.close()
     os.replace(tmp, path)
