@@ -244,9 +244,10 @@ class PromptDataset(ChatDataset):
 
     parse = staticmethod(parse_prompt)
 
-    def __init__(self, data_path, tokenizer, max_length, room=0, **kwargs):
+    def __init__(self, data_path, tokenizer, max_length, room=0, tools=None, **kwargs):
         super().__init__(data_path, tokenizer, max_length, **kwargs)
         self.room = room  # positions left for the completion
+        self.tools = tools  # the schemas the chat template offers the model, if any
 
     def _items(self, epoch):
         prompts = (prompt for _, prompt in self.records())
@@ -262,8 +263,8 @@ class PromptDataset(ChatDataset):
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
+            ids = self.tokenizer.apply_chat_template(prompt, tools=self.tools, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]
         return {"prompt_ids": ids[-(self.max_length - self.room):], "prompt": prompt, "columns": columns}
 
 

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--chat", action="store_true", help="apply the chat template to prompts (SFT models)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results, with standard errors")
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="with --chat: offer these built-in tools (search_poems) to the model, whose calls run "
+                        "during generate_until tasks (greedy)")
     return p.parse_args(argv)
 
 
@@ -63,7 +66,7 @@ def check_model_dir(model_dir):
                         "pass a directory written by train_model.py")
 
 
-def make_lm(model_dir, device, batch_size):
+def make_lm(model_dir, device, batch_size, tools=None):
     """lm-eval's HFLM on the checkpoint, with <|endoftext|> as the prefix of rolling log-likelihoods.
 
     Our tokenizers declare <|endoftext|> as bos (tokenizer.py), which HFLM would take anyway; model
@@ -86,8 +89,47 @@ def make_lm(model_dir, device, batch_size):
     if kind == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
     lm_class = HFLM if sys.stderr.isatty() else quiet(HFLM)
+    if tools:
+        lm_class = with_tools(lm_class, tools, model_dir)
     return lm_class(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
                     prefix_token_id=end_of_text)
+
+
+def with_tools(lm_class, names, model_dir):
+    """lm_class whose chat prompts offer the built-in tools `names` and whose answers may call them: each
+    batch of generate_until requests is answered greedily by rollout.sample_with_tools with model.py's
+    model (calls run, their results go back, the model answers on), cut at the request's stop strings."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from model import Transformer
+    from rollout import sample_with_tools
+    from tools import tool_schemas
+    schemas = tool_schemas(names)
+
+    class WithTools(lm_class):
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return self.tokenizer.apply_chat_template(chat_history, tools=schemas, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            if not hasattr(self, "ours"):
+                self.ours = Transformer.from_pretrained(model_dir).to(self.device).eval()
+            stops = [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+            answers = []
+            for start in range(0, len(requests), self.batch_size):
+                batch = requests[start:start + self.batch_size]
+                prompts = [self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"] for r in batch]
+                settings = SimpleNamespace(max_new_tokens=batch[0].args[1].get("max_gen_toks", 256),
+                                           max_tool_calls=2, temperature=0, top_p=None)
+                rollouts = sample_with_tools(self.ours, prompts, 1, settings, self.tokenizer, stops,
+                                             torch.autocast("cpu", enabled=False), set(names), greedy=True)
+                for request, text in zip(batch, rollouts.texts):
+                    cut = min([text.find(s) for s in request.args[1].get("until", []) if s in text] + [len(text)])
+                    answers.append(text[:cut])
+            return answers
+    return WithTools
 
 
 def quiet(lm_class):
@@ -218,7 +260,7 @@ def main(argv=None):
     go_offline_unless_hub_reachable(tasks)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
-        lm = make_lm(args.model, args.device, args.batch_size)
+        lm = make_lm(args.model, args.device, args.batch_size, args.tools.split(",") if args.tools else None)
         results = evaluate(lm, tasks, args.data_path, limit, args.chat)
     except (EvalError, DataError) as e:
         sys.exit(f"error: {e}")

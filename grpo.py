@@ -27,7 +27,8 @@ from dataset import PromptDataset, collate_prompts
 from errors import Fatal
 from modes import DatasetMode, all_reduce_sum, labelled_log_probs, make_reference, per_token_log_probs
 from rewards import load_reward, score
-from rollout import sample_completions
+from rollout import sample_completions, sample_with_tools
+from tools import BUILT_IN, tool_schemas
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
@@ -42,8 +43,8 @@ class GRPO(DatasetMode):
     def add_arguments(parser):
         group = parser.add_argument_group("--mode grpo")
         group.add_argument("--reward", default=None,
-                           help="comma-separated reward functions: built-in names (poem_form, poem_rhyme) or "
-                                "FILE.py:FUNCTION, called as TRL's GRPOTrainer calls them (rewards.py)")
+                           help="comma-separated reward functions: built-in names (poem_form, poem_rhyme, "
+                                "answer_match) or FILE.py:FUNCTION, called as TRL's GRPOTrainer calls them")
         group.add_argument("--reward_weights", default=None,
                            help="comma-separated weights of the --reward functions (default: 1 each)")
         group.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt")
@@ -64,7 +65,8 @@ class GRPO(DatasetMode):
         if args.init_from is None:
             raise Fatal("--mode grpo needs --init_from: the model to improve (a chat model for chat prompts)")
         if not args.reward:
-            raise Fatal("--mode grpo needs --reward: built-in names (poem_form, poem_rhyme) or FILE.py:FUNCTION")
+            raise Fatal("--mode grpo needs --reward: built-in names (poem_form, poem_rhyme, answer_match) or "
+                        "FILE.py:FUNCTION")
         if args.num_generations < 2:
             raise Fatal(f"--num_generations must be at least 2 (a group's mean is the baseline), got "
                         f"{args.num_generations}")
@@ -72,6 +74,9 @@ class GRPO(DatasetMode):
             raise Fatal("--num_iterations must be positive and --max_new_tokens between 1 and --max_seq_len - 1")
         if args.fsdp:
             raise Fatal("--mode grpo does not work with --fsdp: the rollouts decode with the whole model; use DDP")
+        unknown = [name for name in (args.tools or "").split(",") if name and name not in BUILT_IN]
+        if unknown:
+            raise Fatal(f"--tools: no built-in tool {', '.join(unknown)}; there is {', '.join(BUILT_IN)}")
 
     def __init__(self, run, model, start_sample=0):
         self.room = run.args.max_new_tokens
@@ -91,7 +96,8 @@ class GRPO(DatasetMode):
         self.samples_taken, self.rollout_metrics = 0, {"rollout_s": 0.0}
 
     def make_loader(self, split, start_sample=0):
-        return super().make_loader(split, start_sample, room=self.room)
+        tools = tool_schemas(self.args.tools.split(",")) if self.args.tools else None
+        return super().make_loader(split, start_sample, room=self.room, tools=tools)
 
     def samples_per_epoch(self):
         # A batch of prompts serves --num_iterations steps: in steps, an epoch is that many times longer.
@@ -125,8 +131,7 @@ class GRPO(DatasetMode):
     def rollout(self, prompts, totals, where):
         """A micro-batch of training rows from the completions of these prompts (one prompt's group each)."""
         args, n = self.args, self.args.num_generations
-        rollouts = sample_completions(self.model, [p["prompt_ids"] for p in prompts], n, args, self.run.tokenizer,
-                                      self.stop_ids, self.run.autocast)
+        rollouts = self.sample([p["prompt_ids"] for p in prompts], n)
         rewards, table = self.score(prompts, rollouts, n, where)
         advantages = group_advantages(rewards, n, args.scale_rewards)
         batch = rollouts.training_rows(self.run.tokenizer.pad_token_id)
@@ -140,6 +145,15 @@ class GRPO(DatasetMode):
                 batch["reference_log_probs"] = per_token_log_probs(self.reference(input_ids), labels).cpu()
         totals.add(table, rewards, n, rollouts)
         return batch
+
+    def sample(self, prompt_ids, n, greedy=False):
+        """n completions of each prompt by the model as it is now, calling --tools if given."""
+        args, tokenizer = self.args, self.run.tokenizer
+        if args.tools:
+            return sample_with_tools(self.model, prompt_ids, n, args, tokenizer, self.stop_ids, self.run.autocast,
+                                     set(args.tools.split(",")), greedy)
+        return sample_completions(self.model, prompt_ids, n, args, tokenizer, self.stop_ids, self.run.autocast,
+                                  greedy)
 
     def score(self, prompts, rollouts, n, where):
         """(the weighted reward of each completion, the table [completions, functions] of each function's),
@@ -191,8 +205,7 @@ class GRPO(DatasetMode):
             prompts = next(batches, None)
             if prompts is None:
                 break
-            rollouts = sample_completions(self.model, [p["prompt_ids"] for p in prompts], 1, self.args,
-                                          self.run.tokenizer, self.stop_ids, self.run.autocast, greedy=True)
+            rollouts = self.sample([p["prompt_ids"] for p in prompts], 1, greedy=True)
             rewards, table = self.score(prompts, rollouts, 1, f"step {self.step} (evaluation)")
             totals.add(table, rewards, 1, rollouts)
         metrics, _ = totals.metrics(self, prefix="val_")

@@ -8,7 +8,8 @@ completion, or None where it does not apply (that completion is then scored by t
 
 Built in, for the demo's task (a regular poem of the form asked for, in rhyme):
 - poem_form: the form asked for (the row's `lines` and `chars_per_line`), with partial credit;
-- poem_rhyme: the even lines rhyme in one class of 中华新韵, each on a different character.
+- poem_rhyme: the even lines rhyme in one class of 中华新韵, each on a different character;
+and for questions with an answer key (tool calling): answer_match, the row's `answer` in the final answer.
 A poem's "line" here is a 5- or 7-character half of a written couplet: 床前明月光，疑是地上霜。 is two.
 """
 import importlib.util
@@ -99,7 +100,13 @@ def poem_rhyme(completions, lines, **kwargs):
     return [rhyme_score(poem_lines(completion_text(c)), want_lines) for c, want_lines in zip(completions, lines)]
 
 
-BUILT_IN = {"poem_form": poem_form, "poem_rhyme": poem_rhyme}
+def answer_match(completions, answer, **kwargs):
+    """Built-in reward: 1 when the final answer holds the row's `answer` (an author's name, say), else 0.
+    With tools, the completion's text is its last turn: the answer given after the calls."""
+    return [float(str(key) in completion_text(c)) for c, key in zip(completions, answer)]
+
+
+BUILT_IN = {"poem_form": poem_form, "poem_rhyme": poem_rhyme, "answer_match": answer_match}
 
 
 def load_reward(spec):

@@ -7,6 +7,11 @@ and under the run's autocast. A completion ends with its first stop token (<|im_
 which it keeps: the model learns to end its answers. One that reaches --max_new_tokens without it is
 truncated. For training, each completion becomes a row of prompt + completion labelled on the completion
 only, so that the loss code of SFT reads it: the same `labels` convention (-100: no loss).
+
+With tools (--tools), a completion that ends in a call goes on: the call runs, its result is appended in
+the chat template's tool turn, and the model samples its next turn, up to --max_tool_calls times. The
+completion is then the model's turns with the tool turns between them; only the model's tokens are
+labelled, so the loss never trains the model to write a tool's results.
 """
 from dataclasses import dataclass
 
@@ -20,6 +25,10 @@ def add_arguments(parser):
     group.add_argument("--max_new_tokens", type=int, default=128, help="the longest completion sampled")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     group.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling of the rollouts; 1: off")
+    group.add_argument("--tools", default=None, metavar="NAMES",
+                       help="built-in tools (search_poems) the model may call during rollouts: calls run, their "
+                            "results join the completion (not trained on)")
+    group.add_argument("--max_tool_calls", type=int, default=2, help="tool calls per rollout at most")
 
 
 @dataclass
@@ -28,15 +37,19 @@ class Rollouts:
     prompt_ids: list  # [ids] of each completion's prompt
     completion_ids: list  # [ids], the stop token included when there is one
     truncated: list  # [bool]: reached max_new_tokens without a stop token
-    texts: list  # [str]: the completions decoded, special tokens left out
+    texts: list  # [str]: the completions decoded, special tokens left out (with tools: the last turn's)
+    sampled: list | None = None  # with tools: [bool per completion token]: the model's (not a tool turn's)
 
     def training_rows(self, pad_id):
-        """{"input_ids", "labels"}: prompt + completion per row, right-padded, labelled on the completion."""
+        """{"input_ids", "labels"}: prompt + completion per row, right-padded, labelled on the tokens of the
+        completion the model sampled."""
         rows = []
-        for prompt, completion in zip(self.prompt_ids, self.completion_ids):
+        for i, (prompt, completion) in enumerate(zip(self.prompt_ids, self.completion_ids)):
             ids = torch.tensor(prompt + completion)
             labels = torch.full_like(ids, -100)
             labels[len(prompt):] = ids[len(prompt):]
+            if self.sampled is not None:
+                labels[len(prompt):][~torch.tensor(self.sampled[i], dtype=torch.bool)] = -100
             rows.append({"input_ids": ids, "labels": labels})
         return collate(rows, pad_id)
 
@@ -64,3 +77,37 @@ def sample_completions(model, prompts, n, args, tokenizer, stop_ids, autocast, g
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Rollouts(repeated, completions, truncated, texts)
 
+
+
+@torch.no_grad()
+def sample_with_tools(model, prompts, n, args, tokenizer, stop_ids, autocast, tool_names, greedy=False):
+    """sample_completions, where a turn that calls one of tool_names goes on after the call's result (see
+    the module docstring). Rows that called sample their next turn together; the others are done."""
+    from tools import parse_tool_calls, run_tool
+    first = sample_completions(model, prompts, n, args, tokenizer, stop_ids, autocast, greedy)
+    completions = [list(c) for c in first.completion_ids]
+    sampled = [[True] * len(c) for c in completions]
+    truncated, texts = list(first.truncated), list(first.texts)
+    for _ in range(args.max_tool_calls):
+        calling = []
+        for row, text in enumerate(texts):
+            _, calls, malformed = parse_tool_calls(text, tool_names) if not truncated[row] else ("", [], True)
+            if calls and not malformed:
+                results = [{"role": "tool", "content": run_tool(c["name"], c["arguments"])} for c in calls]
+                turn = tokenizer("\n" + tokenizer.apply_chat_template(results, add_generation_prompt=True,
+                                                                        tokenize=False),
+                                 add_special_tokens=False)["input_ids"]
+                completions[row] += turn
+                sampled[row] += [False] * len(turn)
+                calling.append(row)
+        room = [row for row in calling if len(first.prompt_ids[row]) + len(completions[row]) + 1 <
+                model.config.max_seq_len]
+        if not room:
+            break
+        more = sample_completions(model, [first.prompt_ids[row] + completions[row] for row in room], 1, args,
+                                  tokenizer, stop_ids, autocast, greedy)
+        for row, ids, cut, text in zip(room, more.completion_ids, more.truncated, more.texts):
+            completions[row] += ids
+            sampled[row] += [True] * len(ids)
+            truncated[row], texts[row] = cut, text
+    return Rollouts(first.prompt_ids, completions, truncated, texts, sampled)

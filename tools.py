@@ -43,7 +43,7 @@ class PoemIndex:
 
     def __init__(self, source=POEM_INDEX, path=None):
         self.path = path or source.removesuffix(".jsonl.gz") + ".sqlite"
-        if not os.path.exists(self.path) or os.path.getmtime(self.path) < os.path.getmtime(source):
+        if not up_to_date(self.path, source):
             build_index(source, self.path)
         self.local = threading.local()
 
@@ -71,6 +71,16 @@ class PoemIndex:
         return list(dict.fromkeys(exact + ranked))[:limit]
 
 
+INDEX_VERSION = 2  # the SQLite file's layout; a file of another version is rebuilt
+
+
+def up_to_date(path, source):
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(source):
+        return False
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION
+
+
 def build_index(source, path):
     """The SQLite file of the JSONL's poems, written atomically: a table `poems` (title, author, text) with
     indexes for exact titles and authors, and the FTS5 table `search` over it, trigram-tokenized."""
@@ -86,6 +96,7 @@ def build_index(source, path):
     db.execute("CREATE INDEX poems_author ON poems (author)")
     db.execute("CREATE VIRTUAL TABLE search USING fts5(title, author, text, content='poems', tokenize='trigram')")
     db.execute("INSERT INTO search(search) VALUES ('rebuild')")
+    db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
     db.commit()
     db.close()
     os.replace(tmp, path)

@@ -6,9 +6,11 @@ import os
 from datasets import Dataset, DatasetDict
 
 
-def load(data_file, **_):
+def load(data_file, kind=None, **_):
+    """The items of data_file; with `kind`, only those of that kind (a file that holds several tasks)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), data_file), encoding="utf-8") as f:
-        return DatasetDict({"test": Dataset.from_list([json.loads(line) for line in f])})
+        items = [json.loads(line) for line in f]
+    return DatasetDict({"test": Dataset.from_list([i for i in items if kind is None or i["kind"] == kind])})
 
 
 def poem_scores(doc, results):
@@ -29,3 +31,14 @@ def distinct_share(bigrams_of_items):
     """Distinct character bigrams over all bigrams of all answers: how varied the poems are."""
     every = [b for bigrams in bigrams_of_items for b in bigrams]
     return len(set(every)) / max(len(every), 1)
+
+
+def tool_answer_scores(doc, results):
+    """poetry_tools' score of an answer: the author named (who wrote it), or the poem's text character for
+    character, punctuation aside (recite)."""
+    import re
+    answer = results[0]
+    if doc["kind"] == "recite":
+        chinese = re.compile(r"[\u4e00-\u9fff]")
+        return {"right": float(chinese.findall(answer) == chinese.findall(doc["answer"]))}
+    return {"right": float(doc["author"] in answer)}

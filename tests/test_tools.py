@@ -281,3 +281,45 @@ def test_the_chat_pages_tools_are_offered_and_run(tokenizer):
     offered, result, unknown = asyncio.run(calls())
     assert [t["function"]["name"] for t in offered] == ["search_poems"]
     assert result.startswith("《静夜思》 李白\n床前") and "低头思故乡" in result and unknown.status_code == 404
+
+
+# --- rollouts with tools (--mode grpo --tools) ------------------------------------------------------------
+
+class ScriptedModel(torch.nn.Module):
+    """Transformer.sample's interface, answering each call with the next scripted text of each row."""
+
+    def __init__(self, tokenizer, turns):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"max_seq_len": 1024})
+        self.turns = [[tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in row]
+                      for row in turns]
+        self.prompts = []
+
+    def sample(self, input_ids, max_new_tokens, prompt_lengths=None, **kwargs):
+        rows = [self.turns[i].pop(0) for i in range(len(input_ids))]
+        self.prompts.append([ids[:n].tolist() for ids, n in zip(input_ids, prompt_lengths)])
+        width = max(map(len, rows))
+        return torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows])
+
+
+def test_a_rollout_with_tools_runs_the_call_and_trains_only_the_models_tokens(tokenizer):
+    """The model calls search_poems, the result comes back in the template's tool turn, the model answers:
+    the labels are the call and the answer (with their <|im_end|>), never the tool turn."""
+    from types import SimpleNamespace
+    from rollout import sample_with_tools
+    model = ScriptedModel(tokenizer, [[CALL_TEXT, "《静夜思》的作者是李白。"]])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "《静夜思》的作者是谁？"}], tools=[SEARCH],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    settings = SimpleNamespace(max_new_tokens=64, temperature=1.0, top_p=1.0, max_tool_calls=2)
+    rollouts = sample_with_tools(model, [prompt], 1, settings, tokenizer, [tokenizer.eos_token_id],
+                                 torch.autocast("cpu", enabled=False), {"search_poems"})
+    assert rollouts.texts == ["《静夜思》的作者是李白。"]
+    completion = tokenizer.decode(rollouts.completion_ids[0])
+    assert completion.startswith(CALL_TEXT + "<|im_end|>\n<|im_start|>user\n<tool_response>\n《静夜思》 李白")
+    assert completion.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n《静夜思》的作者是李白。<|im_end|>")
+    rows = rollouts.training_rows(tokenizer.pad_token_id)
+    labelled = tokenizer.decode([t for t in rows["labels"][0].tolist() if t != -100])
+    assert labelled == CALL_TEXT + "<|im_end|>" + "《静夜思》的作者是李白。<|im_end|>"
+    # The second turn was sampled after the whole conversation so far, as the template renders it.
+    assert tokenizer.decode(model.prompts[1][0]).endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
