@@ -34,7 +34,7 @@ RHYME_CLASSES = {
 }
 CLASS_OF_FINAL = {final: name for name, finals in RHYME_CLASSES.items() for final in finals}
 BUZZING_INITIALS = ("zh", "ch", "sh", "r", "z", "c", "s")  # their "i" is 支's -i, not 齐's
-MIN_DISTINCT = 0.75  # a poem whose characters are fewer than 75% distinct earns no rhyme (see poem_rhyme)
+MIN_DISTINCT = 0.75  # a poem whose characters are fewer than 75% distinct earns nothing (real ones: 0.3%)
 
 
 def completion_text(completion):
@@ -50,13 +50,16 @@ def poem_lines(text):
 
 def form_score(lines, want_lines, want_chars):
     """1.0 for exactly want_lines lines of want_chars characters each. Partial credit, so that a group of
-    samples gets a signal long before any sample has the form: half for the number of lines
-    (min/max of the two counts), half for the share of the wanted lines that have the right length."""
-    if not lines:
+    samples gets a signal long before any sample has the form: the product of how close the number of lines
+    is (min/max of the two counts) and the share of the wanted lines that have the right length. A product,
+    not a sum: eight lines for a 绝句's four earn half, not three quarters. 0 when the poem's characters
+    are under MIN_DISTINCT distinct: a few characters repeated is the cheapest way to fill a form."""
+    text = "".join(lines)
+    if not lines or len(set(text)) < MIN_DISTINCT * len(text):
         return 0.0
     count = min(len(lines), want_lines) / max(len(lines), want_lines)
     right_length = sum(len(line) == want_chars for line in lines[:want_lines]) / want_lines
-    return 0.5 * count + 0.5 * right_length
+    return count * right_length
 
 
 def rhyme_class(char):

@@ -169,11 +169,13 @@ def test_poem_form_on_written_poems():
     quatrain = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
     assert poem_form([quatrain], [4], [5]) == [1.0]
     assert poem_form([[{"role": "assistant", "content": quatrain}]], [4], [5]) == [1.0]  # conversational
-    assert poem_form([quatrain], [4], [7]) == [0.5]  # four lines, none of seven characters
-    assert poem_form([quatrain], [8], [5]) == [0.25 + 0.25]  # half the lines, all of the right length
-    assert poem_form(["床前明月光，疑是地上霜。"], [4], [5]) == [0.25 + 0.25]
-    assert poem_form(["好的。"], [4], [5]) == [0.125]  # one line, of the wrong length
+    assert poem_form([quatrain], [4], [7]) == [0.0]  # four lines, none of seven characters
+    assert poem_form([quatrain], [8], [5]) == [0.5 * 0.5]  # half the lines, those of the right length
+    assert poem_form([quatrain + "\n春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。"], [4], [5]) == [0.5]  # eight, not 4
+    assert poem_form(["床前明月光，疑是地上霜。"], [4], [5]) == [0.5 * 0.5]
+    assert poem_form(["好的。"], [4], [5]) == [0.0]  # one line, of the wrong length
     assert poem_form([""], [4], [5]) == [0.0]
+    assert poem_form(["春春春晚晚，春春晚春春。春春春晚晚，晚春春晚晚。"], [4], [5]) == [0.0]  # few distinct
     eight = "国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"
     assert poem_form([eight], [8], [5]) == [1.0]
 
