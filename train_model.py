@@ -281,14 +281,18 @@ def build_model(args, tokenizer, resume_dir):
         raise Fatal(f"{source} holds no model.safetensors; pass a directory written by train_model.py")
     try:
         model = Transformer.from_pretrained(source, strict=True, dropout=args.dropout)
+        if args.max_seq_len > model.config.max_seq_len:
+            # RoPE has no learnt positions: a longer context is a longer table of the same rotations, which
+            # fine-tuning on longer sequences (tool conversations, say) teaches the model to use.
+            print(f"{source} has {model.config.max_seq_len} positions; extending them to --max_seq_len "
+                  f"{args.max_seq_len}", file=sys.stderr)
+            model = Transformer.from_pretrained(source, strict=True, dropout=args.dropout,
+                                                max_seq_len=args.max_seq_len)
     except (ValueError, RuntimeError) as e:
         raise Fatal(f"cannot load {source}: {' '.join(str(e).split())[:300]}")
     if model.config.vocab_size != len(tokenizer):
         raise Fatal(f"{source} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer in "
                     f"{args.tokenizer_path} has {len(tokenizer)}; use the tokenizer the model was trained with")
-    if args.max_seq_len > model.config.max_seq_len:
-        raise Fatal(f"--max_seq_len {args.max_seq_len} is longer than the {model.config.max_seq_len} "
-                    f"positions {source} supports; pass --max_seq_len {model.config.max_seq_len} or less")
     if args.lora_rank:
         model = add_lora(model, args)
         if resume_dir:

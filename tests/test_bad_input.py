@@ -336,8 +336,6 @@ UPFRONT = {
     "missing data file": (["--data_path", "{tmp}/nowhere.jsonl"], "nowhere.jsonl"),
     "missing tokenizer": (["--tokenizer_path", "{tmp}/no_such_tokenizer"], "no_such_tokenizer"),
     "no chat template": (["--data_path", "{sft}", "--tokenizer_path", "{no_template}"], "chat template"),
-    "max_seq_len beyond init_from": (["--data_path", "{sft}", "--init_from", "{base}", "--max_seq_len", "128"],
-                                     "max_seq_len"),
     "batch_size 0": (["--batch_size", "0"], "--batch_size"),
     "batch_size -2": (["--batch_size", "-2"], "--batch_size"),
     "max_steps 0": (["--max_steps", "0"], "--max_steps"),

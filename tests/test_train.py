@@ -652,3 +652,21 @@ def test_muon_runs_newton_schulz_in_bf16_only_where_the_cpu_has_bf16_units(units
     for ours, torchs in zip(train(Muon, ns_dtype=torch.float32), train(torch.optim.Muon)):
         assert not torch.equal(ours, torchs)
         torch.testing.assert_close(ours, torchs, atol=2e-3, rtol=0)
+
+
+def test_fine_tuning_can_extend_the_context_of_the_init_from_model(sft_file, base_model, tmp_path, capsys):
+    """--max_seq_len past the --init_from model's positions extends them (RoPE learns no positions): the
+    model trains on the longer sequences and is written with the longer context, and where both have
+    positions it is the same model (learning rate 0: nothing changed)."""
+    import train_model
+    out = tmp_path / "out"
+    train_model.main([*TINY_MODEL_ARGS, "--data_path", sft_file, "--init_from", base_model, "--out_dir", str(out),
+                      "--max_seq_len", "128", "--max_steps", "1", "--batch_size", "2", "--eval_batches", "1",
+                      "--save_interval", "0", "--learning_rate", "0"])
+    assert "has 64 positions; extending them to --max_seq_len 128" in capsys.readouterr().err
+    longer, base = Transformer.from_pretrained(str(out)), Transformer.from_pretrained(base_model)
+    assert longer.config.max_seq_len == 128 and base.config.max_seq_len == 64
+    ids = torch.randint(300, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(longer(ids).logits, base(ids).logits)
+        assert longer(torch.randint(300, (1, 128))).logits.shape == (1, 128, len(base.tok_embeddings.weight))
