@@ -22,6 +22,7 @@ from hardware import emulated
 SHAPES = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),  # tests and smoke runs
     "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=256),  # train.sh on a CPU: 4.5M
+    "demo-student": dict(dim=192, n_layers=3, n_heads=6, n_kv_heads=3, max_seq_len=256),  # half the demo: 2.4M
     "215m": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),  # the seed's GPU recipe
 }
 

@@ -240,7 +240,7 @@ def test_batched_decoding_equals_decoding_alone(tokenizer, chain_model):
     fit (one waits for a free row), one ends at an end token and the others at their max_tokens, so rows
     are freed and moved mid-batch: each gets the greedy tokens of HF's LlamaForCausalLM decoding it alone."""
     import asyncio
-    from serve import Scheduler, Sequence
+    from scheduler import Scheduler, Sequence
     model, _, hf = chain_model
     vocab = model.config.vocab_size
     # (prompt, max_tokens, the step at which it arrives)
@@ -284,7 +284,7 @@ def test_ignore_eos_runs_through_the_end_token_to_max_tokens(tokenizer, chain_mo
     """ignore_eos (vLLM's extra field, for fixed-length benchmarks): the answer goes on through the token
     that ends the same request without it, to max_tokens, with the tokens greedy decoding gives."""
     import asyncio
-    from serve import Scheduler, Sequence
+    from scheduler import Scheduler, Sequence
     model, _, _ = chain_model
     prompt = [5, 6, 7, 8]
     greedy = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt):].tolist()
@@ -323,7 +323,7 @@ def test_a_failing_request_gets_an_error_and_the_others_run_on(tokenizer):
     that request with an error event; the running sequence is not disturbed and finishes."""
     import asyncio
     from model import Transformer
-    from serve import Scheduler, Sequence
+    from scheduler import Scheduler, Sequence
     torch.manual_seed(0)
     model = Transformer(tiny_config(len(tokenizer))).eval()
     loop = asyncio.new_event_loop()
@@ -351,7 +351,7 @@ def test_the_scheduler_thread_decodes_in_the_dtype_asked_for(chain_model, tokeni
     import asyncio
     import threading
     from model import Transformer
-    from serve import Scheduler, Sequence
+    from scheduler import Scheduler, Sequence
     model = chain_model[0]
     converted = Transformer(model.config).eval()
     converted.load_state_dict(model.state_dict())
