@@ -21,10 +21,8 @@ CONVERSATION = [
     {"role": "assistant", "content": "《静夜思》的作者是李白。"},
 ]
 BY_HAND = (
-    "<|im_start|>system\n你是诗词助手。\n\n# 工具\n<tools>\n"
-    '{"type": "function", "function": {"name": "search_poems", "description": "搜索诗词", "parameters": '
-    '{"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}\n</tools>\n'
-    '调用工具：<tool_call>\n{"name": 工具名, "arguments": 参数}\n</tool_call><|im_end|>\n'
+    "<|im_start|>system\n你是诗词助手。\n\n# 工具\nsearch_poems(query)：搜索诗词\n"
+    '调用工具：<tool_call>\n{"name": 工具名, "arguments": {参数名: 值}}\n</tool_call><|im_end|>\n'
     "<|im_start|>user\n《静夜思》的作者是谁？<|im_end|>\n"
     '<|im_start|>assistant\n<tool_call>\n{"name": "search_poems", "arguments": {"query": "静夜思"}}\n</tool_call>'
     "<|im_end|>\n"
@@ -212,7 +210,7 @@ def test_a_call_comes_back_as_tool_calls(tokenizer):
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "search_poems"
     assert json.loads(call.function.arguments) == {"query": "静夜思"}
     prompt = tokenizer.decode(scheduler.prompts[0])
-    assert "<tools>" in prompt and '"name": "search_poems"' in prompt  # the model saw the tool
+    assert "# 工具\nsearch_poems(" in prompt  # the model saw the tool
 
 
 def test_a_streamed_call_comes_as_tool_call_deltas(tokenizer):
@@ -258,7 +256,7 @@ def test_tool_choice_forces_none_a_call_or_a_named_call(tokenizer):
     client, scheduler = scripted_client(tokenizer, [CALL_TEXT, 'search_poems", "arguments": {"query": "春晓"}}\n'
                                                     "</tool_call>", '{"query": "雪"}}\n</tool_call>'])
     assert ask(client, tools=[SEARCH], tool_choice="none").choices[0].message.content == CALL_TEXT
-    assert "<tools>" not in tokenizer.decode(scheduler.prompts[0])
+    assert "# 工具" not in tokenizer.decode(scheduler.prompts[0])
     required = ask(client, tools=[SEARCH], tool_choice="required").choices[0].message
     assert tokenizer.decode(scheduler.prompts[1]).endswith('<|im_start|>assistant\n<tool_call>\n{"name": "')
     assert json.loads(required.tool_calls[0].function.arguments) == {"query": "春晓"}
