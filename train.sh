@@ -3,6 +3,12 @@
 #   bash train.sh          the CPU demo: tokenizer -> pretraining -> SFT -> samples -> evaluation and report,
 #                          in about 15 minutes
 #   bash train.sh dpo      after the demo: DPO (with LoRA) of its chat model on data/dpo_poetry.jsonl.gz
+#   bash train.sh rl       after the demo: GRPO of its chat model on poem-form requests (form and rhyme
+#                          rewards), then form and rhyme compliance before and after
+#   bash train.sh tools    after the demo: SFT of its chat model on tool conversations (search_poems), then
+#                          the held-out tool questions before and after
+#   bash train.sh distill  after the demo: a half-size student distilled from its base model, then held-out
+#                          bits per byte of teacher and student
 #   bash train.sh gpu      the seed's 215M recipe (dim 1024, 18 layers, vocab 6144, seq 512) on GPUs;
 #                          download seq-monkey and BelleGroup first (see README), NGPUS=8 for 8 GPUs
 set -euo pipefail
@@ -21,7 +27,7 @@ if [ "$RECIPE" = demo ]; then
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
   echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
-  python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry.jsonl.gz --init_from $OUT/base \
+  python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry_forms.jsonl.gz --init_from $OUT/base \
     --tokenizer_path $OUT/base $(python recipes.py demo-sft) --device cpu --eval_interval 100 --save_interval 100
   echo "== 5/5 chat with the fine-tuned model"
   python generate.py --model $OUT/sft --chat --prompt "请背诵孟浩然的《春晓》。" --seed 1
@@ -44,6 +50,39 @@ elif [ "$RECIPE" = dpo ]; then
     --val_data_path data/dpo_poetry_eval.jsonl.gz --init_from $OUT/sft --tokenizer_path $OUT/sft \
     $(python recipes.py demo-dpo) --device cpu --eval_interval 50 --eval_batches 50 --save_interval 50
   python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
+elif [ "$RECIPE" = rl ]; then
+  # After the demo: GRPO of its chat model (docs/post-training.md), then the held-out form requests, greedy
+  # and sampled, before and after.
+  OUT=runs/demo
+  python train_model.py --mode grpo --out_dir $OUT/rl --data_path data/poem_form_prompts.jsonl.gz \
+    --init_from $OUT/sft --tokenizer_path $OUT/sft $(python recipes.py demo-grpo) --device cpu --save_interval 50
+  for model in $OUT/sft $OUT/rl; do
+    echo "== $model: the form asked for, and in rhyme, on held-out requests"
+    python eval.py --model $model --chat --tasks poem_form,poem_form_sampled --device cpu --json $model/form_eval.json
+  done
+elif [ "$RECIPE" = tools ]; then
+  # After the demo: SFT of its chat model on tool conversations (docs/tools.md), then the held-out tool
+  # questions (by title, by a quoted line, recitation) and the bundled poetry_author_chat with the tool.
+  OUT=runs/demo
+  python train_model.py --out_dir $OUT/tools --data_path data/sft_tools.jsonl.gz --init_from $OUT/sft \
+    --tokenizer_path $OUT/sft $(python recipes.py demo-tools) --device cpu --eval_interval 100 --save_interval 100
+  for model in $OUT/sft $OUT/tools; do
+    echo "== $model with search_poems"
+    python eval.py --model $model --chat --tools search_poems --tasks poetry_tools,poetry_author_chat \
+      --device cpu --json $model/tools_eval.json
+  done
+  python generate.py --model $OUT/tools --chat --tools search_poems --prompt "请背诵《静夜思》。"
+elif [ "$RECIPE" = distill ]; then
+  # After the demo: a student of half the demo's size learns the base model's next-token distributions
+  # (docs/post-training.md); then held-out bits per byte of teacher and student.
+  OUT=runs/demo
+  python train_model.py --mode distill --teacher $OUT/base --out_dir $OUT/student \
+    --data_path data/pretrain_poetry.jsonl.gz --tokenizer_path $OUT/base $(python recipes.py demo-distill) \
+    --device cpu --eval_interval 100 --save_interval 100
+  for model in $OUT/base $OUT/student; do
+    echo "== $model on the held-out poems"
+    python eval.py --model $model --data_path tasks/heldout_poems.jsonl.gz --device cpu
+  done
 elif [ "$RECIPE" = gpu ]; then
   # The seed's 215M recipe (recipes.py). One GPU: NGPUS=1. Several: torchrun starts one process per GPU.
   NGPUS=${NGPUS:-1}
@@ -56,6 +95,6 @@ elif [ "$RECIPE" = gpu ]; then
     $(python recipes.py gpu-sft) --device cuda --dtype bfloat16 --epochs 1 --num_workers 4 --use_swanlab
   python generate.py --model sft_model_215M --chat --prompt "你好，请介绍一下你自己。"
 else
-  echo "usage: bash train.sh [demo|dpo|gpu]" >&2
+  echo "usage: bash train.sh [demo|dpo|rl|tools|distill|gpu]" >&2
   exit 2
 fi
