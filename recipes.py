@@ -52,6 +52,9 @@ RUNS = {
                  "--max_steps", "400"],
     "demo-dpo": ["--max_seq_len", "256", "--lora_rank", "16", "--lora_alpha", "32", "--batch_size", "8",
                  "--learning_rate", "2e-3", "--warmup_iters", "10", "--max_steps", "250"],
+    # Tool conversations need 512 positions (446 tokens on average with the demo tokenizer).
+    "demo-tools": ["--max_seq_len", "512", "--batch_size", "8", "--learning_rate", "1.5e-3", "--warmup_iters", "20",
+                   "--max_steps", "400"],
     # AdamW + cosine: Muon's learning rates were measured on CPU-sized models only.
     "gpu-pretrain": [*shape_args("215m"), "--batch_size", "32", "--optimizer", "adamw", "--lr_schedule", "cosine",
                      "--learning_rate", "3e-4"],
