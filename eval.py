@@ -98,14 +98,16 @@ def make_lm(model_dir, device, batch_size, tools=None):
 def with_tools(lm_class, names, model_dir):
     """lm_class whose chat prompts offer the built-in tools `names` and whose answers may call them: each
     batch of generate_until requests is answered greedily by rollout.sample_with_tools with model.py's
-    model (calls run, their results go back, the model answers on), cut at the request's stop strings."""
+    model (calls run, their results go back, the model answers on), cut at the request's stop strings.
+    It counts, per task, the answers whose first turn called a tool and the calls that were valid (JSON
+    naming one of the tools): `tool_use`."""
     from types import SimpleNamespace
 
     import torch
 
     from model import Transformer
     from rollout import sample_with_tools
-    from tools import tool_schemas
+    from tools import CALL, parse_tool_calls, tool_schemas
     schemas = tool_schemas(names)
 
     class WithTools(lm_class):
@@ -117,6 +119,7 @@ def with_tools(lm_class, names, model_dir):
             if not hasattr(self, "ours"):
                 self.ours = Transformer.from_pretrained(model_dir).to(self.device).eval()
             stops = [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+            self.tool_use = getattr(self, "tool_use", {})
             answers = []
             for start in range(0, len(requests), self.batch_size):
                 batch = requests[start:start + self.batch_size]
@@ -125,10 +128,23 @@ def with_tools(lm_class, names, model_dir):
                                            max_tool_calls=2, temperature=0, top_p=None)
                 rollouts = sample_with_tools(self.ours, prompts, 1, settings, self.tokenizer, stops,
                                              torch.autocast("cpu", enabled=False), set(names), greedy=True)
-                for request, text in zip(batch, rollouts.texts):
+                for request, text, ids in zip(batch, rollouts.texts, rollouts.completion_ids):
                     cut = min([text.find(s) for s in request.args[1].get("until", []) if s in text] + [len(text)])
                     answers.append(text[:cut])
+                    self.count_tool_use(request.task_name, ids, stops)
             return answers
+
+        def count_tool_use(self, task, completion_ids, stops):
+            first_turn = next((completion_ids[:i] for i, t in enumerate(completion_ids) if t in stops),
+                              completion_ids)
+            text = self.tokenizer.decode(first_turn, skip_special_tokens=True)
+            blocks = len(CALL.findall(text))
+            _, calls, _ = parse_tool_calls(text, set(names))
+            use = self.tool_use.setdefault(task, {"answers": 0, "called": 0, "calls": 0, "valid_calls": 0})
+            use["answers"] += 1
+            use["called"] += blocks > 0
+            use["calls"] += blocks
+            use["valid_calls"] += len(calls)
     return WithTools
 
 
@@ -266,11 +282,16 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     rows = scores(results)
     print(format_table(rows))
+    tool_use = getattr(lm, "tool_use", {})
+    for task, use in sorted(tool_use.items()):
+        print(f"{task} with {args.tools}: {use['called']} of {use['answers']} answers called a tool; "
+              f"{use['valid_calls']} of {use['calls']} calls valid (JSON naming a tool)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "chat": args.chat, "limit": args.limit, "scores": rows,
                        "results": results["results"], "groups": results.get("groups", {}),
-                       "n-samples": results.get("n-samples", {}), "versions": results.get("versions", {})},
+                       "n-samples": results.get("n-samples", {}), "versions": results.get("versions", {}),
+                       "tool_use": tool_use},
                       f, indent=2, ensure_ascii=False, default=str)
 
 

@@ -321,3 +321,21 @@ def test_a_rollout_with_tools_runs_the_call_and_trains_only_the_models_tokens(to
     assert labelled == CALL_TEXT + "<|im_end|>" + "《静夜思》的作者是李白。<|im_end|>"
     # The second turn was sampled after the whole conversation so far, as the template renders it.
     assert tokenizer.decode(model.prompts[1][0]).endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_eval_counts_the_answers_that_call_and_the_valid_calls(tokenizer):
+    from eval import with_tools
+
+    class Scored:  # the part of lm-eval's HFLM that with_tools uses
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+    lm = with_tools(Scored, ["search_poems"], model_dir=None)()
+    lm.tool_use = {}
+    eos = tokenizer.eos_token_id
+    for text in [CALL_TEXT, "李白。", '<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>',
+                 '<tool_call>\nnot json\n</tool_call>']:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        later_turn = tokenizer("后来的回答", add_special_tokens=False)["input_ids"]  # not counted
+        lm.count_tool_use("poetry_tools_title", ids + [eos] + later_turn, [eos])
+    assert lm.tool_use == {"poetry_tools_title": {"answers": 4, "called": 3, "calls": 3, "valid_calls": 1}}
