@@ -71,9 +71,9 @@ def reply(model, tokenizer, messages, args, stops, stream=True):
         if not calls or malformed:
             return answer
         messages.append(call_message(content, calls))
-        for call in messages[-1]["tool_calls"]:
-            result = run_tool(call["function"]["name"], call["function"]["arguments"])
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        for call, sent in zip(calls, messages[-1]["tool_calls"]):
+            result = run_tool(call["name"], call["arguments"])
+            messages.append({"role": "tool", "tool_call_id": sent["id"], "content": result})
             if stream:
                 print(f"\n<tool_response>\n{result}\n</tool_response>", flush=True)
     return answer

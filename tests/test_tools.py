@@ -339,3 +339,19 @@ def test_eval_counts_the_answers_that_call_and_the_valid_calls(tokenizer):
         later_turn = tokenizer("后来的回答", add_special_tokens=False)["input_ids"]  # not counted
         lm.count_tool_use("poetry_tools_title", ids + [eos] + later_turn, [eos])
     assert lm.tool_use == {"poetry_tools_title": {"answers": 4, "called": 3, "calls": 3, "valid_calls": 1}}
+
+
+def test_generate_runs_the_call_and_answers_after_its_result(tokenizer, monkeypatch, capsys):
+    import generate
+    answers = iter([CALL_TEXT, "《静夜思》的作者是李白。"])
+    monkeypatch.setattr(generate, "complete", lambda model, tok, prompt, args, stops, streamer=None:
+                        tokenizer(next(answers), add_special_tokens=False)["input_ids"])
+    runs = []
+    monkeypatch.setattr(generate, "run_tool", lambda name, arguments: runs.append((name, arguments)) or "《静夜思》 李白")
+    args = generate.parse_args(["--model", "unused", "--chat", "--tools", "search_poems"])
+    messages = [{"role": "user", "content": "《静夜思》的作者是谁？"}]
+    answer = generate.reply(None, tokenizer, messages, args, [tokenizer.eos_token_id], stream=True)
+    assert runs == [("search_poems", {"query": "静夜思"})]  # the arguments as a dict, as the tool takes them
+    assert answer == "《静夜思》的作者是李白。"
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"] and messages[2]["content"] == "《静夜思》 李白"
+    assert "<tool_response>\n《静夜思》 李白\n</tool_response>" in capsys.readouterr().out
