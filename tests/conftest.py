@@ -178,6 +178,23 @@ def run_main(argv, module="train_model"):
     return None
 
 
+def logged_steps(out_dir):
+    """The training steps' rows of a run's metrics.jsonl, by step."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def run_and_resume(args, tmp_path, checkpoint):
+    """Run train_model with args into tmp_path/full; copy it and resume the copy from `checkpoint` (a
+    checkpoint directory's name) into tmp_path/resumed. The logged steps of both runs."""
+    import shutil
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_main([*args, "--out_dir", full]) is None
+    shutil.copytree(full, resumed)
+    assert run_main([*args, "--out_dir", resumed, "--resume", resumed / checkpoint]) is None
+    return logged_steps(full), logged_steps(resumed)
+
+
 class ForwardSpy:
     """Wraps Transformer.forward: counts training forwards and lets a test corrupt chosen ones.
 

@@ -1,6 +1,5 @@
 """--mode distill: each divergence against TRL's generalized_jsd_loss on transformers' logits of teacher
 and student, the teacher frozen and checked, exact resume (on-policy batches included), LoRA and DDP."""
-import json
 import os
 import shutil
 import subprocess
@@ -9,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, shipped_lines, write_jsonl, write_tiny_model
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, logged_steps, run_and_resume, run_main, shipped_lines,
+                      write_jsonl, write_tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,6 @@ def sft_data(tmp_path):
 DISTILL = [*TINY_MODEL_ARGS, "--mode", "distill", "--batch_size", "4", "--log_interval", "1", "--eval_interval",
            "1000", "--eval_batches", "2", "--save_interval", "0", "--learning_rate", "1e-3", "--warmup_iters", "1",
            "--optimizer", "adamw", "--lr_schedule", "cosine"]
-
-
-def steps_of(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
 
 
 @pytest.mark.parametrize("beta,alpha,temperature", [(0.0, 1.0, 1.0), (1.0, 1.0, 2.0), (0.5, 1.0, 1.5),
@@ -88,7 +83,7 @@ def test_the_teacher_stays_frozen_and_its_files_untouched(teacher, base_model, s
     assert all(torch.equal(before[k], after[k]) for k in before)
     from model import to_hf_name
     assert all(torch.equal(v, before[to_hf_name(k)]) for k, v in frozen.state_dict().items() if k != "output.weight")
-    assert not os.path.exists(out / "teacher") and {"distill", "ce"} <= set(steps_of(out)[3])
+    assert not os.path.exists(out / "teacher") and {"distill", "ce"} <= set(logged_steps(out)[3])
     student = load_file(os.path.join(out, "model.safetensors"))
     assert not all(torch.equal(student[k], load_file(os.path.join(base_model, "model.safetensors"))[k])
                    for k in student)  # the student trained
@@ -113,11 +108,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher, base_model, sft_da
 def test_resume_equals_the_uninterrupted_run(extra, teacher, base_model, sft_data, tmp_path):
     args = ["--data_path", sft_data, "--init_from", base_model, "--teacher", teacher, *DISTILL, "--max_steps", "6",
             "--save_interval", "3", *extra]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run_main([*args, "--out_dir", full]) is None
-    shutil.copytree(full, resumed)
-    assert run_main([*args, "--out_dir", resumed, "--resume", resumed / "checkpoint-3"]) is None
-    a, b = steps_of(full), steps_of(resumed)
+    a, b = run_and_resume(args, tmp_path, "checkpoint-3")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         for key in ("loss", "distill", "ce", "tokens", "grad_norm"):
@@ -130,7 +121,7 @@ def test_on_policy_batches_are_the_students_answers_to_the_data_prompts(teacher,
     out = tmp_path / "out"
     assert run_main(["--data_path", sft_data, "--out_dir", out, "--init_from", base_model, "--teacher", teacher,
                      *DISTILL, "--max_steps", "2", "--distill_on_policy", "1", "--max_new_tokens", "6"]) is None
-    steps = steps_of(out)
+    steps = logged_steps(out)
     assert steps[1]["tokens"] <= 4 * 6 and steps[2]["tokens"] - steps[1]["tokens"] <= 4 * 6
 
 
@@ -143,4 +134,4 @@ def test_two_processes_distil(teacher, base_model, sft_data, tmp_path):
                            os.path.join(REPO, "train_model.py"), *map(str, argv)], cwd=REPO, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(steps_of(out)) == [1, 2] and "2 process(es)" in done.stdout
+    assert sorted(logged_steps(out)) == [1, 2] and "2 process(es)" in done.stdout

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, run_main, write_jsonl
+from conftest import REPO, SUBPROCESS_ENV, TINY_MODEL_ARGS, logged_steps, run_and_resume, run_main, write_jsonl
 
 FORMS = [(4, 5, "五言绝句"), (4, 7, "七言绝句"), (8, 5, "五言律诗"), (8, 7, "七言律诗")]
 TITLES = ["春", "秋思", "江上", "夜雨", "山居", "送别", "登高", "月夜", "梅花", "归雁", "雪", "渔父"]
@@ -38,10 +38,6 @@ GRPO = [*TINY_MODEL_ARGS, "--mode", "grpo", "--reward", "poem_form", "--batch_si
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def steps_of(out):
-    return {r["step"]: r for r in metrics(out) if "loss" in r}
 
 
 # --- the objective, against transformers -------------------------------------------------------------------
@@ -255,7 +251,7 @@ def test_a_users_reward_gets_trls_arguments_and_every_column(conversational, bas
         assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in call["completions"])
     else:
         assert isinstance(call["prompts"][0], str) and all(isinstance(c, str) for c in call["completions"])
-    step = steps_of(out)[1]
+    step = logged_steps(out)[1]
     assert {"reward", "reward_std", "rewards/length", "rewards/poem_form", "frac_reward_zero_std",
             "completion_length", "truncated", "clip_fraction", "rollout_s", "update_s"} <= set(step)
     scored = [float(len(ids)) for i, ids in enumerate(call["completion_ids"]) if i % 3]
@@ -322,7 +318,7 @@ def test_with_several_iterations_the_clip_engages(base_model, prompt_file, tmp_p
     assert run_main(["--data_path", prompt_file, "--out_dir", out, "--init_from", base_model, *GRPO,
                      "--max_steps", "6", "--num_iterations", "3", "--learning_rate", "3e-2", "--epsilon", "0.05",
                      "--reward", "poem_form"]) is None
-    steps = steps_of(out)
+    steps = logged_steps(out)
     assert [steps[s]["clip_fraction"] for s in (1, 4)] == [0, 0]
     assert max(steps[s]["clip_fraction"] for s in (2, 3, 5, 6)) > 0
     assert all(steps[s]["rollout_s"] > 0 for s in (1, 4)) and all(steps[s]["rollout_s"] == 0 for s in (2, 3, 5, 6))
@@ -335,14 +331,9 @@ def test_resume_equals_the_uninterrupted_run(extra, base_model, prompt_file, tmp
     """Resumed from the checkpoint of step 3: steps 4-6 sample the same completions (the sampling RNG depends
     only on the seed and the step) and log the same losses and rewards; with --num_iterations 2 the resumed
     run reuses the rollouts of step 3 that the checkpoint saved."""
-    import shutil
     args = ["--data_path", prompt_file, "--init_from", base_model, *GRPO, "--max_steps", "6", "--save_interval", "3",
             *extra]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run_main([*args, "--out_dir", full]) is None
-    shutil.copytree(full, resumed)
-    assert run_main([*args, "--out_dir", resumed, "--resume", resumed / "checkpoint-3"]) is None
-    a, b = steps_of(full), steps_of(resumed)
+    a, b = run_and_resume(args, tmp_path, "checkpoint-3")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert set(a[step]) == set(b[step])
@@ -361,7 +352,7 @@ def test_two_processes_train_and_each_samples_its_own_groups(base_model, prompt_
                            os.path.join(REPO, "train_model.py"), *map(str, argv)], cwd=REPO, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = steps_of(out)
+    steps = logged_steps(out)
     assert sorted(steps) == [1, 2] and all(math.isfinite(s["loss"]) for s in steps.values())
     assert "2 process(es)" in done.stdout and "4 samples" in done.stdout  # 2 prompts on each of 2 processes
 
