@@ -14,7 +14,7 @@ signals, bad-input handling, logging and evaluation. To add a mode: subclass Mod
 state of its own between steps), and list it in train_model.MODES.
 
 Here: LanguageModel (pretraining and SFT: cross-entropy of the labelled tokens) and DPO (preference pairs
-against a frozen reference); grpo.py holds GRPO.
+against a frozen reference); grpo.py holds GRPO, distill.py Distill.
 """
 import math
 import signal
