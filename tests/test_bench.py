@@ -221,12 +221,13 @@ def test_quick_speedrun_trains_both_recipes_and_compares_them(pretrain_file, tmp
 
 @pytest.mark.slow
 def test_quick_trl_race_starts_from_the_same_losses_as_trl(capsys):
-    """TRL is the oracle: on the same weights and batch, its SFTTrainer (assistant_only_loss), DPOTrainer and
-    SFTTrainer + PEFT compute the first step's loss (and DPO's log-probabilities) that ours do."""
+    """TRL is the oracle: on the same weights and batch, its SFTTrainer (assistant_only_loss), DPOTrainer,
+    SFTTrainer + PEFT and GKDTrainer compute the first step's loss (and DPO's log-probabilities) that ours do."""
     results = bench.main(["--trl", "--quick", "--json", "--config", "tiny", "--tokenizer_path", TOKENIZER_DIR])
     assert json.loads(capsys.readouterr().out)["rows"].keys() == results["rows"].keys()
     rows = results["rows"]
-    assert list(rows) == ["SFT (SFTTrainer)", "DPO (DPOTrainer)", "LoRA SFT (SFTTrainer+PEFT)"]
+    assert list(rows) == ["SFT (SFTTrainer)", "DPO (DPOTrainer)", "LoRA SFT (SFTTrainer+PEFT)",
+                          "Distillation (GKDTrainer)"]
     for name, r in rows.items():
         assert r["same_loss"], name
         assert r["first"]["ours"] == pytest.approx(r["first"]["trl"], abs=1e-4), name
@@ -239,4 +240,5 @@ def test_quick_trl_race_starts_from_the_same_losses_as_trl(capsys):
     assert sft_loss > 5 and abs(rows["LoRA SFT (SFTTrainer+PEFT)"]["first"]["ours"][0] - sft_loss) > 1e-3
     dpo_loss, logp_chosen, logp_rejected = rows["DPO (DPOTrainer)"]["first"]["ours"]
     assert dpo_loss == pytest.approx(math.log(2), abs=1e-6) and logp_chosen < -10 and logp_rejected < -10
+    assert rows["Distillation (GKDTrainer)"]["first"]["ours"][0] > 1e-3  # a random student is far from its teacher
     assert all(common.format_row(r).startswith("TRL race") for r in trl_race.trl_rows(results))
