@@ -124,7 +124,8 @@ def with_tools(lm_class, names, model_dir):
             for start in range(0, len(requests), self.batch_size):
                 batch = requests[start:start + self.batch_size]
                 prompts = [self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"] for r in batch]
-                settings = SimpleNamespace(max_new_tokens=batch[0].args[1].get("max_gen_toks", 256),
+                # A turn may be a call: about 70 tokens on the demo tokenizer, more than a short answer's room.
+                settings = SimpleNamespace(max_new_tokens=max(batch[0].args[1].get("max_gen_toks", 256), 128),
                                            max_tool_calls=2, temperature=0, top_p=None)
                 rollouts = sample_with_tools(self.ours, prompts, 1, settings, self.tokenizer, stops,
                                              torch.autocast("cpu", enabled=False), set(names), greedy=True)
