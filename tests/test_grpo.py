@@ -315,9 +315,12 @@ def test_with_several_iterations_the_clip_engages(base_model, prompt_file, tmp_p
     """--num_iterations 3: the first update from a batch of rollouts has ratio 1 (nothing to clip), the next
     ones move away from the sampling policy and the clip holds some tokens."""
     out = tmp_path / "out"
+    reward = tmp_path / "varied.py"  # a signal in every group: a tiny model's completions differ in it
+    reward.write_text("def varied(completions, **_):\n"
+                      "    return [len(set(c if isinstance(c, str) else c[0]['content'])) for c in completions]\n")
     assert run_main(["--data_path", prompt_file, "--out_dir", out, "--init_from", base_model, *GRPO,
                      "--max_steps", "6", "--num_iterations", "3", "--learning_rate", "3e-2", "--epsilon", "0.05",
-                     "--reward", "poem_form"]) is None
+                     "--reward", f"{reward}:varied"]) is None
     steps = logged_steps(out)
     assert [steps[s]["clip_fraction"] for s in (1, 4)] == [0, 0]
     assert max(steps[s]["clip_fraction"] for s in (2, 3, 5, 6)) > 0
