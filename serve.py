@@ -34,7 +34,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from generate import load, stop_ids
@@ -86,9 +86,16 @@ class ToolCall(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # the call a tool message answers
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def content_unless_calls(cls, content, info):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("a message needs content (an assistant's may have tool_calls instead)")
+        return content
 
     def text(self):
         if self.content is None:
