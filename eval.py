@@ -14,6 +14,7 @@ tokens, the separator not predicted; documents longer than the model's context a
 (lm-eval's rolling log-likelihood). bpb = -sum log-likelihood / (ln 2 * sum of the documents' UTF-8 bytes).
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -22,11 +23,13 @@ import socket
 import sys
 
 from corpus import DataError, parse_text, read_records
+from tools import CALL, MAX_TOOL_CALLS, parse_tool_calls, tool_schemas
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 SUITE = "tiny_llm_poetry"  # the group of the bundled tasks (tasks/tiny_llm_poetry.yaml)
 END_OF_TEXT = "<|endoftext|>"
 DATA_TASK = "data_bpb"
+CALL_ROOM = 128  # new tokens a turn gets at least with --tools: a call is about 70 on the demo tokenizer
 
 
 def parse_args(argv=None):
@@ -46,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--tools", default=None, metavar="NAMES",
                    help="with --chat: offer these built-in tools (search_poems) to the model, whose calls run "
                         "during generate_until tasks (greedy)")
+    p.add_argument("--max_tool_calls", type=int, default=MAX_TOOL_CALLS, help="with --tools: calls per answer at most")
     return p.parse_args(argv)
 
 
@@ -66,7 +70,7 @@ def check_model_dir(model_dir):
                         "pass a directory written by train_model.py")
 
 
-def make_lm(model_dir, device, batch_size, tools=None):
+def make_lm(model_dir, device, batch_size, tools=None, max_tool_calls=MAX_TOOL_CALLS):
     """lm-eval's HFLM on the checkpoint, with <|endoftext|> as the prefix of rolling log-likelihoods.
 
     Our tokenizers declare <|endoftext|> as bos (tokenizer.py), which HFLM would take anyway; model
@@ -90,24 +94,22 @@ def make_lm(model_dir, device, batch_size, tools=None):
         raise EvalError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
     lm_class = HFLM if sys.stderr.isatty() else quiet(HFLM)
     if tools:
-        lm_class = with_tools(lm_class, tools, model_dir)
+        lm_class = with_tools(lm_class, tools, model_dir, max_tool_calls)
     return lm_class(pretrained=model_dir, tokenizer=tokenizer, device=device, batch_size=batch_size,
                     prefix_token_id=end_of_text)
 
 
-def with_tools(lm_class, names, model_dir):
+def with_tools(lm_class, names, model_dir, max_tool_calls):
     """lm_class whose chat prompts offer the built-in tools `names` and whose answers may call them: each
     batch of generate_until requests is answered greedily by rollout.sample_with_tools with model.py's
-    model (calls run, their results go back, the model answers on), cut at the request's stop strings.
+    model (calls run, their results go back, the model answers on, up to max_tool_calls times), cut at the
+    request's stop strings, in the checkpoint's float32 like HFLM's own requests (no autocast).
     It counts, per task, the answers whose first turn called a tool and the calls that were valid (JSON
     naming one of the tools): `tool_use`."""
     from types import SimpleNamespace
 
-    import torch
-
     from model import Transformer
     from rollout import sample_with_tools
-    from tools import CALL, parse_tool_calls, tool_schemas
     schemas = tool_schemas(names)
 
     class WithTools(lm_class):
@@ -124,11 +126,10 @@ def with_tools(lm_class, names, model_dir):
             for start in range(0, len(requests), self.batch_size):
                 batch = requests[start:start + self.batch_size]
                 prompts = [self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"] for r in batch]
-                # A turn may be a call: about 70 tokens on the demo tokenizer, more than a short answer's room.
-                settings = SimpleNamespace(max_new_tokens=max(batch[0].args[1].get("max_gen_toks", 256), 128),
-                                           max_tool_calls=2, temperature=0, top_p=None)
+                settings = SimpleNamespace(max_new_tokens=max(batch[0].args[1].get("max_gen_toks", 256), CALL_ROOM),
+                                           max_tool_calls=max_tool_calls, temperature=0, top_p=None)
                 rollouts = sample_with_tools(self.ours, prompts, 1, settings, self.tokenizer, stops,
-                                             torch.autocast("cpu", enabled=False), set(names), greedy=True)
+                                             contextlib.nullcontext(), set(names), greedy=True)
                 for request, text, ids in zip(batch, rollouts.texts, rollouts.completion_ids):
                     cut = min([text.find(s) for s in request.args[1].get("until", []) if s in text] + [len(text)])
                     answers.append(text[:cut])
@@ -277,7 +278,8 @@ def main(argv=None):
     go_offline_unless_hub_reachable(tasks)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
-        lm = make_lm(args.model, args.device, args.batch_size, args.tools.split(",") if args.tools else None)
+        lm = make_lm(args.model, args.device, args.batch_size, args.tools.split(",") if args.tools else None,
+                     args.max_tool_calls)
         results = evaluate(lm, tasks, args.data_path, limit, args.chat)
     except (EvalError, DataError) as e:
         sys.exit(f"error: {e}")

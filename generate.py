@@ -17,7 +17,7 @@ import torch
 
 from hardware import add_dtype_argument, autocast, choose_dtype, warn_if_emulated
 from model import Transformer
-from tools import BUILT_IN, parse_tool_calls, run_tool, tool_schemas
+from tools import BUILT_IN, MAX_TOOL_CALLS, parse_tool_calls, run_tool, tool_schemas
 
 
 class TextStreamer:
@@ -153,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--tools", default=None, metavar="NAMES",
                    help=f"--chat with these built-in tools, comma-separated ({', '.join(BUILT_IN)}): the model's "
                         "calls run and their results go back to it")
-    p.add_argument("--max_tool_calls", type=int, default=3, help="tool calls per answer at most")
+    p.add_argument("--max_tool_calls", type=int, default=MAX_TOOL_CALLS, help="tool calls per answer at most")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: about twice the tokens/s on CPU, after 5-20 s of "
                         "compiling on first use (once more when the context length first changes)")

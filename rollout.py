@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dataset import collate
+from tools import MAX_TOOL_CALLS, parse_tool_calls, run_tool
 
 
 def add_arguments(parser):
@@ -28,7 +29,7 @@ def add_arguments(parser):
     group.add_argument("--tools", default=None, metavar="NAMES",
                        help="built-in tools (search_poems) the model may call during rollouts: calls run, their "
                             "results join the completion (not trained on)")
-    group.add_argument("--max_tool_calls", type=int, default=2, help="tool calls per rollout at most")
+    group.add_argument("--max_tool_calls", type=int, default=MAX_TOOL_CALLS, help="tool calls per rollout at most")
 
 
 @dataclass
@@ -83,7 +84,6 @@ def sample_completions(model, prompts, n, args, tokenizer, stop_ids, autocast, g
 def sample_with_tools(model, prompts, n, args, tokenizer, stop_ids, autocast, tool_names, greedy=False):
     """sample_completions, where a turn that calls one of tool_names goes on after the call's result (see
     the module docstring). Rows that called sample their next turn together; the others are done."""
-    from tools import parse_tool_calls, run_tool
     first = sample_completions(model, prompts, n, args, tokenizer, stop_ids, autocast, greedy)
     completions = [list(c) for c in first.completion_ids]
     sampled = [[True] * len(c) for c in completions]

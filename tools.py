@@ -23,6 +23,7 @@ import threading
 REPO = os.path.dirname(os.path.abspath(__file__))
 POEM_INDEX = os.path.join(REPO, "data", "poem_index.jsonl.gz")
 MAX_RESULTS = 4
+MAX_TOOL_CALLS = 2  # calls per answer at most, by default (generate.py, eval.py, rollouts)
 MAX_POEM_CHARS = 160  # the best match's text, cut here: a long ci would fill a small model's context
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 QUERY_NOISE = re.compile(r"[《》“”\"'‘’「」\s，。？！、：:,.?!]+")

@@ -330,7 +330,7 @@ def test_eval_counts_the_answers_that_call_and_the_valid_calls(tokenizer):
         def __init__(self):
             self.tokenizer = tokenizer
 
-    lm = with_tools(Scored, ["search_poems"], model_dir=None)()
+    lm = with_tools(Scored, ["search_poems"], model_dir=None, max_tool_calls=2)()
     lm.tool_use = {}
     eos = tokenizer.eos_token_id
     for text in [CALL_TEXT, "李白。", '<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>',
