@@ -60,7 +60,9 @@ RUNS = {
                   "--eval_interval", "50", "--eval_batches", "2"],
     # A student of half the demo's size learns the base model's distributions: forward KL at temperature 1,
     # the demo's own pretraining recipe and steps.
-    "demo-distill": [*shape_args("demo-student"), "--batch_size", "16", "--max_steps", "383", *DEMO_MUON],
+    # Half the divergence, half the data's cross-entropy: the student then passes its teacher (LOG.md).
+    "demo-distill": [*shape_args("demo-student"), "--batch_size", "16", "--max_steps", "383", *DEMO_MUON,
+                     "--distill_alpha", "0.5"],
     # Tool conversations need 512 positions (446 tokens on average with the demo tokenizer).
     "demo-tools": ["--max_seq_len", "512", "--batch_size", "8", "--learning_rate", "1.5e-3", "--warmup_iters", "20",
                    "--max_steps", "400"],
