@@ -58,9 +58,9 @@ RUNS = {
                   "--temperature", "0.7", "--reward", "poem_form,poem_rhyme", "--reward_weights", "1,2",
                   "--beta", "0.04", "--learning_rate", "3e-4", "--warmup_iters", "5", "--max_steps", "70",
                   "--eval_interval", "50", "--eval_batches", "2"],
-    # A student of half the demo's size learns the base model's distributions: forward KL at temperature 1,
-    # the demo's own pretraining recipe and steps.
-    # Half the divergence, half the data's cross-entropy: the student then passes its teacher (LOG.md).
+    # A student of half the demo's size learns the base model's distributions with the demo's own pretraining
+    # recipe and steps: half forward KL at temperature 1, half the data's cross-entropy, with which the
+    # student passes its teacher (the divergence alone ends at the teacher: LOG.md).
     "demo-distill": [*shape_args("demo-student"), "--batch_size", "16", "--max_steps", "383", *DEMO_MUON,
                      "--distill_alpha", "0.5"],
     # Tool conversations need 512 positions (446 tokens on average with the demo tokenizer).
