@@ -88,6 +88,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # the call a tool message answers
+    # Declared last: pydantic validates fields in order, and content's validator reads role and tool_calls.
     content: str | list[TextPart] | None = Field(default=None, validate_default=True)
 
     @field_validator("content")
