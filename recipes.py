@@ -52,8 +52,9 @@ RUNS = {
                  "--max_steps", "400"],
     "demo-dpo": ["--max_seq_len", "256", "--lora_rank", "16", "--lora_alpha", "32", "--batch_size", "8",
                  "--learning_rate", "2e-3", "--warmup_iters", "10", "--max_steps", "250"],
-    # GRPO of the chat model on form requests: rollouts at the temperature answers are scored at (0.7), the
-    # rhyme weighed twice, a KL penalty that keeps greedy answers from collapsing into repetition.
+    # GRPO on form requests, of the chat model after a second pass of demo-sft (train.sh rl): rollouts at the
+    # temperature answers are scored at (0.7), the rhyme weighed twice, a KL penalty that keeps greedy answers
+    # from collapsing into repetition.
     "demo-grpo": ["--max_seq_len", "256", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "100",
                   "--temperature", "0.7", "--reward", "poem_form,poem_rhyme", "--reward_weights", "1,2",
                   "--beta", "0.04", "--learning_rate", "3e-4", "--warmup_iters", "5", "--max_steps", "70",
