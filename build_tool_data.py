@@ -13,7 +13,8 @@ held-out tasks, from the full poetry corpus.
   requests of build_rl_data.py's SFT data, greetings): the model learns when not to call.
 - tasks/poetry_tools.jsonl: held-out questions (poems after the 40,000th document, titles no training file
   uses), phrased in words no training conversation uses: who wrote a poem whose title only it has, or
-  whose line is quoted; and recite a poem whose title only it has. Scored by eval.py --tools search_poems.
+  whose line is quoted; and recite a poem whose title only it has and the tool's result shows whole.
+  Scored by eval.py --tools search_poems.
 All seeded: the same files every time.
 """
 import argparse
@@ -50,6 +51,12 @@ def answer_author(title, author, authors):
     if len(authors) > 1:
         return f"《{title}》有多位诗人写过：{'、'.join(authors)}。"
     return f"《{title}》的作者是{author}。"
+
+
+def recitable(doc):
+    """Whether a poem can be recited from the tool's result: the result shows its text whole."""
+    from tools import MAX_POEM_CHARS
+    return len("\n".join(doc[2])) <= MAX_POEM_CHARS
 
 
 def tool_conversation(rng, question, query, answer, search):
@@ -143,9 +150,13 @@ def held_out_items(rng, docs, authors_of, count):
     candidates = [doc for doc in docs[FIRST_HELD_OUT:] if doc and doc[0] not in trained_titles and doc[2]
                   and len(authors_of[doc[0]]) == 1 and len(doc[0]) <= 12]
     rng.shuffle(candidates)
+    kinds = [("title", "line", "recite")[i % 3] for i in range(count)]
+    to_recite = [doc for doc in candidates if recitable(doc)][:kinds.count("recite")]
+    recited = {id(doc) for doc in to_recite}
+    to_recite, to_ask = iter(to_recite), iter(doc for doc in candidates if id(doc) not in recited)
     items = []
-    for i, (title, author, lines) in enumerate(candidates[:count]):
-        kind = ("title", "line", "recite")[i % 3]
+    for kind in kinds:
+        title, author, lines = next(to_recite if kind == "recite" else to_ask)
         if kind == "title":
             question, answer = rng.choice(HELD_OUT_BY_TITLE).format(title=title), author
         elif kind == "line":
