@@ -307,13 +307,15 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(chain_model):
 
 
 def test_sampling_draws_from_the_distribution():
-    """Plain sampling at temperature 1 is not greedy, and top_k restricts it to the k best tokens."""
+    """Plain sampling draws each token as often as softmax(logits / temperature) says (never one of
+    probability 0), and top_k and top_p restrict it to the best tokens."""
     from model import sample_next_token
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5]]).repeat(4000, 1)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5, float("-inf")]]).repeat(20000, 1)
     torch.manual_seed(0)
-    draws = sample_next_token(logits, 1.0, None, None)
-    freq = torch.bincount(draws, minlength=5).float() / len(draws)
-    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+    for temperature in (1.0, 0.5):
+        draws = sample_next_token(logits, temperature, None, None)
+        freq = torch.bincount(draws, minlength=6).float() / len(draws)
+        torch.testing.assert_close(freq, (logits[0] / temperature).softmax(-1), atol=0.01, rtol=0)
     top2 = sample_next_token(logits, 1.0, 2, None)
     assert set(top2.tolist()) == {2, 3}
     # top_p 0.7: 3 alone covers 0.61 < 0.7, so 2 stays as well; nothing else.
