@@ -3,13 +3,14 @@
     python build_rl_data.py                       (reads ../shared/data/pretrain_poetry.jsonl)
 
 The task: "write a 五言绝句 / 七言绝句 / 五言律诗 / 七言律诗 titled 《X》", answered by a poem of that form
-(4 or 8 lines of 5 or 7 characters; rewards.py), in rhyme. Three files, seeded (the same every time):
+(4 or 8 lines of 5 or 7 characters; rewards.py), in rhyme. Four files, seeded (the same every time):
 - data/sft_poetry_forms.jsonl.gz: the demo's SFT data: data/sft_poetry.jsonl.gz's conversations with form
   requests interleaved (one after each of the first ones), each answered by a regular poem of the
   shipped sample (the first 20,000 documents) of the form asked for, under its own title, so that SFT
   teaches the form first. Only poems whose even lines rhyme by rewards.py's rule answer: SFT shows the
   craft it is asked to learn. Interleaved in one file because SFT reads its files in order and shuffles
   only within windows of 64 batches: a second file would train the forms first and the rest after.
+- data/sft_poem_forms.jsonl.gz: the same form requests alone, for the second SFT pass of `train.sh rl`.
 - data/poem_form_prompts.jsonl.gz: GRPO's prompts, form requests on titles of the shipped sample, with the
   columns the rewards read (lines, chars_per_line) and the title.
 - tasks/poem_form.jsonl: held-out requests for lm-eval (tasks/poem_form.yaml), on titles no training file
@@ -116,6 +117,7 @@ def main(argv=None):
     with gzip.open(os.path.join(args.data_dir, "sft_poetry.jsonl.gz"), "rt", encoding="utf-8") as f:
         conversations = [json.loads(line) for line in f]
     write_gzip_jsonl(os.path.join(args.data_dir, "sft_poetry_forms.jsonl.gz"), interleave(conversations, sft))
+    write_gzip_jsonl(os.path.join(args.data_dir, "sft_poem_forms.jsonl.gz"), sft)
     write_gzip_jsonl(os.path.join(args.data_dir, "poem_form_prompts.jsonl.gz"), prompts)
     write_jsonl(os.path.join(args.tasks_dir, "poem_form.jsonl"), held_out)
     print(f"{len(sft)} SFT form requests, {len(prompts)} GRPO prompts, {len(held_out)} held-out requests")

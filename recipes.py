@@ -45,14 +45,19 @@ def shape_args(name):
 # train.sh's demo pretraining without its recipe: the model, batch and length the speedrun's recipes share.
 DEMO_PRETRAIN = [*shape_args("demo"), "--batch_size", "16", "--max_steps", "383"]
 
+# The demo's SFT without its length: the chat model's (demo-sft), and train.sh rl's second pass (demo-sft-forms).
+DEMO_SFT = [*shape_args("demo"), "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "20"]
+
 # The runs of train.sh, as train_model.py arguments (data and directories are train.sh's).
 RUNS = {
     "demo-pretrain": [*DEMO_PRETRAIN, *DEMO_MUON],
-    "demo-sft": [*shape_args("demo"), "--batch_size", "16", "--learning_rate", "1e-3", "--warmup_iters", "20",
-                 "--max_steps", "400"],
+    "demo-sft": [*DEMO_SFT, "--max_steps", "400"],
+    # train.sh rl's second pass of SFT, over the demo SFT's form requests alone (data/sft_poem_forms.jsonl.gz):
+    # the 3,200 the demo's SFT read, in half its steps.
+    "demo-sft-forms": [*DEMO_SFT, "--max_steps", "200"],
     "demo-dpo": ["--max_seq_len", "256", "--lora_rank", "16", "--lora_alpha", "32", "--batch_size", "8",
                  "--learning_rate", "2e-3", "--warmup_iters", "10", "--max_steps", "250"],
-    # GRPO on form requests, of the chat model after a second pass of demo-sft (train.sh rl): rollouts at the
+    # GRPO on form requests, of the chat model after demo-sft-forms (train.sh rl): rollouts at the
     # temperature answers are scored at (0.7), the rhyme weighed twice, a KL penalty that keeps greedy answers
     # from collapsing into repetition.
     "demo-grpo": ["--max_seq_len", "256", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "100",

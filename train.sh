@@ -3,8 +3,8 @@
 #   bash train.sh          the CPU demo: tokenizer -> pretraining -> SFT -> samples -> evaluation and report,
 #                          in about 15 minutes
 #   bash train.sh dpo      after the demo: DPO (with LoRA) of its chat model on data/dpo_poetry.jsonl.gz
-#   bash train.sh rl       after the demo: a second pass of its SFT, then GRPO on poem-form requests (form and
-#                          rhyme rewards), then form and rhyme compliance before and after
+#   bash train.sh rl       after the demo: a second SFT pass over its form requests, then GRPO on poem-form
+#                          requests (form and rhyme rewards), then form and rhyme compliance before and after
 #   bash train.sh tools    after the demo: SFT of its chat model on tool conversations (search_poems), then
 #                          the held-out tool questions before and after
 #   bash train.sh distill  after the demo: a half-size student distilled from its base model, then held-out
@@ -14,13 +14,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 RECIPE=${1:-demo}
-
-# The demo's SFT (recipes.py demo-sft) of the model in $1 into $2: the demo's chat model, and again from it
-# at the start of `train.sh rl`.
-demo_sft() {
-  python train_model.py --out_dir "$2" --data_path data/sft_poetry_forms.jsonl.gz --init_from "$1" \
-    --tokenizer_path "$1" $(python recipes.py demo-sft) --device cpu --eval_interval 100 --save_interval 100
-}
 
 if [ "$RECIPE" = demo ]; then
   OUT=runs/demo
@@ -34,7 +27,8 @@ if [ "$RECIPE" = demo ]; then
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
   echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
-  demo_sft $OUT/base $OUT/sft
+  python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry_forms.jsonl.gz --init_from $OUT/base \
+    --tokenizer_path $OUT/base $(python recipes.py demo-sft) --device cpu --eval_interval 100 --save_interval 100
   echo "== 5/5 chat with the fine-tuned model"
   python generate.py --model $OUT/sft --chat --prompt "请背诵孟浩然的《春晓》。" --seed 1
   python generate.py --model $OUT/sft --chat --prompt "“床前明月光”出自哪首作品？" --seed 1
@@ -57,13 +51,15 @@ elif [ "$RECIPE" = dpo ]; then
     $(python recipes.py demo-dpo) --device cpu --eval_interval 50 --eval_batches 50 --save_interval 50
   python eval.py --model $OUT/dpo --chat --device cpu --json $OUT/dpo/eval.json
 elif [ "$RECIPE" = rl ]; then
-  # After the demo: a second pass of the demo's SFT over the same conversations and form requests (GRPO
-  # learns from a start that often has the form: docs/post-training.md), GRPO of that model, then the
-  # held-out form requests, greedy and sampled, before and after.
+  # After the demo: a second pass of SFT over the demo SFT's form requests (GRPO learns from a start that
+  # often has the form: docs/post-training.md), GRPO of that model, then the held-out form requests, greedy
+  # and sampled, before and after.
   OUT=runs/demo
-  demo_sft $OUT/sft $OUT/sft_forms
+  python train_model.py --out_dir $OUT/sft_forms --data_path data/sft_poem_forms.jsonl.gz --init_from $OUT/sft \
+    --tokenizer_path $OUT/sft $(python recipes.py demo-sft-forms) --device cpu --eval_interval 100 --save_interval 100
   python train_model.py --mode grpo --out_dir $OUT/rl --data_path data/poem_form_prompts.jsonl.gz \
-    --init_from $OUT/sft_forms --tokenizer_path $OUT/sft $(python recipes.py demo-grpo) --device cpu --save_interval 50
+    --init_from $OUT/sft_forms --tokenizer_path $OUT/sft_forms $(python recipes.py demo-grpo) --device cpu \
+    --save_interval 50
   for model in $OUT/sft $OUT/rl; do
     echo "== $model: the form asked for, and in rhyme, on held-out requests"
     python eval.py --model $model --chat --tasks poem_form,poem_form_sampled --device cpu --json $model/form_eval.json

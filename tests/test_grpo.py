@@ -363,8 +363,9 @@ def test_two_processes_train_and_each_samples_its_own_groups(base_model, prompt_
 # --- the demo's data -----------------------------------------------------------------------------------------
 
 def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
-    """build_rl_data.py's files: SFT answers are rhyming poems of the form asked for; the held-out requests'
-    titles are in no training file and their phrasings in no training prompt."""
+    """build_rl_data.py's files: SFT answers are rhyming poems of the form asked for (the second pass's file
+    holds the demo SFT's form requests alone); the held-out requests' titles are in no training file and
+    their phrasings in no training prompt."""
     import gzip
     from build_rl_data import FORMS, HELD_OUT_PHRASINGS, TRAIN_PHRASINGS
     from rewards import poem_form, poem_rhyme
@@ -378,6 +379,7 @@ def test_the_shipped_form_data_keeps_its_held_out_requests_held_out():
     mixed, prompts = rows("sft_poetry_forms.jsonl.gz"), rows("poem_form_prompts.jsonl.gz")
     sft = [r for r in mixed if len(r["messages"]) == 2 and any(f.match(r["messages"][0]["content"]) for f in frames)]
     assert len(mixed) == len(rows("sft_poetry.jsonl.gz")) + len(sft)
+    assert rows("sft_poem_forms.jsonl.gz") == sft
     with open(os.path.join(REPO, "tasks", "poem_form.jsonl"), encoding="utf-8") as f:
         held_out = [json.loads(line) for line in f]
     assert len(sft) == len(prompts) == 4000 and len(held_out) == 200
