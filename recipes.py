@@ -62,7 +62,7 @@ RUNS = {
     # from collapsing into repetition.
     "demo-grpo": ["--max_seq_len", "256", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "100",
                   "--temperature", "0.7", "--reward", "poem_form,poem_rhyme", "--reward_weights", "1,2",
-                  "--beta", "0.04", "--learning_rate", "3e-4", "--warmup_iters", "5", "--max_steps", "70",
+                  "--beta", "0.04", "--learning_rate", "6e-4", "--warmup_iters", "5", "--max_steps", "70",
                   "--eval_interval", "50", "--eval_batches", "2"],
     # A student of half the demo's size learns the base model's distributions with the demo's own pretraining
     # recipe and steps: half forward KL at temperature 1, half the data's cross-entropy, with which the
