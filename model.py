@@ -362,9 +362,9 @@ def sample_next_token(logits, temperature, top_k, top_p, generator=None):
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     # One uniform number per row against the cumulative distribution: torch.multinomial draws from the same
     # distribution, but on CPU costs a random number per vocabulary entry (40x slower for 64 rows).
-    cumulative = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(len(logits), 1, device=logits.device, generator=generator) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, u, right=True).squeeze(-1).clamp(max=logits.size(-1) - 1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(len(logits), 1, device=logits.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.size(-1) - 1)
 
 
 # --- the loss, and the same loss in chunks ---------------------------------------------------------

@@ -15,6 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RECIPE=${1:-demo}
 
+# SFT of the model in $1 into $2 on the data $3 with the recipes.py run $4: the demo's chat model (demo-sft), and
+# the second pass at the start of `train.sh rl` (demo-sft-forms).
+sft_pass() {
+  python train_model.py --out_dir "$2" --data_path "$3" --init_from "$1" --tokenizer_path "$1" \
+    $(python recipes.py "$4") --device cpu --eval_interval 100 --save_interval 100
+}
+
 if [ "$RECIPE" = demo ]; then
   OUT=runs/demo
   echo "== 1/5 tokenizer: byte-level BPE, 6144 tokens, on the shipped poetry sample"
@@ -27,8 +34,7 @@ if [ "$RECIPE" = demo ]; then
   echo "== 3/5 a sample from the base model"
   python generate.py --model $OUT/base --prompt "《春晓》 孟浩然" --max_new_tokens 60 --seed 1
   echo "== 4/5 supervised fine-tuning for chat (about 2 minutes)"
-  python train_model.py --out_dir $OUT/sft --data_path data/sft_poetry_forms.jsonl.gz --init_from $OUT/base \
-    --tokenizer_path $OUT/base $(python recipes.py demo-sft) --device cpu --eval_interval 100 --save_interval 100
+  sft_pass $OUT/base $OUT/sft data/sft_poetry_forms.jsonl.gz demo-sft
   echo "== 5/5 chat with the fine-tuned model"
   python generate.py --model $OUT/sft --chat --prompt "请背诵孟浩然的《春晓》。" --seed 1
   python generate.py --model $OUT/sft --chat --prompt "“床前明月光”出自哪首作品？" --seed 1
@@ -55,8 +61,7 @@ elif [ "$RECIPE" = rl ]; then
   # often has the form: docs/post-training.md), GRPO of that model, then the held-out form requests, greedy
   # and sampled, before and after.
   OUT=runs/demo
-  python train_model.py --out_dir $OUT/sft_forms --data_path data/sft_poem_forms.jsonl.gz --init_from $OUT/sft \
-    --tokenizer_path $OUT/sft $(python recipes.py demo-sft-forms) --device cpu --eval_interval 100 --save_interval 100
+  sft_pass $OUT/sft $OUT/sft_forms data/sft_poem_forms.jsonl.gz demo-sft-forms
   python train_model.py --mode grpo --out_dir $OUT/rl --data_path data/poem_form_prompts.jsonl.gz \
     --init_from $OUT/sft_forms --tokenizer_path $OUT/sft_forms $(python recipes.py demo-grpo) --device cpu \
     --save_interval 50
