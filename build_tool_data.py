@@ -11,6 +11,10 @@ held-out tasks, from the full poetry corpus.
   wrote). Only poems the training files already hold (the first 20,000 documents) are asked about, in many
   phrasings, with and without a system prompt. A share of the conversations needs no tool (the form
   requests of build_rl_data.py's SFT data, greetings): the model learns when not to call.
+- data/copy_drills.jsonl.gz: the opening of every poem of the shipped pretraining sample (10 to 60
+  characters, title and author included) written two or three times, one copy a line. The demo's model
+  copies nothing from its context until it has read such text (docs/tools.md): `train.sh tools` reads these
+  first, then the conversations, whose answers are copied from the tool's result.
 - tasks/poetry_tools.jsonl: held-out questions (poems after the 40,000th document, titles no training file
   uses), phrased in words no training conversation uses: who wrote a poem whose title only it has, or
   whose line is quoted; and recite a poem whose title only it has and the tool's result shows whole.
@@ -47,10 +51,13 @@ GREETINGS = [("你好！", "你好！我是诗词助手，可以帮你查找和�
 
 
 def answer_author(title, author, authors):
-    """The assistant's answer: the author, or, where several poets wrote the title, all of them."""
+    """The assistant's answer: the author, or, where several poets wrote the title, all of them. It repeats the
+    result's "《title》 作者：author" (tools.format_matches), so that the name follows the same tokens in the
+    answer as in the result and a model that copies (an induction head) gets it right; after "的作者是" it did
+    not, and " 李白", the result's old "《title》 李白", is another token than "李白" (docs/tools.md)."""
     if len(authors) > 1:
         return f"《{title}》有多位诗人写过：{'、'.join(authors)}。"
-    return f"《{title}》的作者是{author}。"
+    return f"《{title}》 作者：{author}。"
 
 
 def recitable(doc):
@@ -93,7 +100,8 @@ def build(corpus, data_dir, tasks_dir, conversations, held_out_count, seed):
     rows += no_tool_conversations(rng, data_dir, conversations // 4)
     rng.shuffle(rows)
     write_gzip_jsonl(os.path.join(data_dir, "sft_tools.jsonl.gz"), rows)
-    held_out = held_out_items(rng, docs, authors_of, held_out_count)
+    write_gzip_jsonl(os.path.join(data_dir, "copy_drills.jsonl.gz"), copy_drills(random.Random(seed), data_dir))
+    held_out = held_out_items(random.Random(seed + 1), docs, authors_of, held_out_count)  # apart from the above
     write_jsonl(os.path.join(tasks_dir, "poetry_tools.jsonl"), held_out)
     print(f"{sum(1 for _ in index_rows(docs))} poems in the index, {len(rows)} SFT conversations "
           f"({conversations} with a call), {len(held_out)} held-out questions")
@@ -107,14 +115,20 @@ def training_conversation(rng, doc, authors_of, search):
     """A tool conversation about a poem of the training files: who wrote it (by title or line), or recite it."""
     title, author, lines = doc
     kind = rng.random()
-    if kind < 0.45 or (kind >= 0.75 and len(authors_of[title]) > 1):  # recite only what one title names
+    # A recitation repeats the result's first match, header and all, where that is the poem whole: the model
+    # copies it from the start, where a poem's first character has no cue before it that the result shares.
+    recital = f"《{title}》 作者：{author}\n" + "\n".join(lines)
+    if kind < 0.45 or (kind >= 0.75 and search(title).split("\n相关：")[0] != recital):
         question, query = rng.choice(BY_TITLE).format(title=title), title
         answer = answer_author(title, author, authors_of[title])
     elif kind < 0.75:
         line = clause(rng, lines)
-        question, query, answer = rng.choice(BY_LINE).format(line=line), line, f"出自{author}的《{title}》。"
+        question, query = rng.choice(BY_LINE).format(line=line), line
+        # The result's header again, as answer_author's: the poem the search ranks first, which is another poem
+        # with the same line where two share it (95 of the 6,000 conversations).
+        answer = f"出自{search(line).splitlines()[0]}。"
     else:
-        question, query, answer = rng.choice(RECITE).format(title=title), title, "\n".join(lines)
+        question, query, answer = rng.choice(RECITE).format(title=title), title, recital
     return tool_conversation(rng, question, query, answer, search)
 
 
@@ -142,6 +156,13 @@ def no_tool_conversations(rng, data_dir, count):
         rows.append({"tools": [SEARCH_POEMS],
                      "messages": ([{"role": "system", "content": system}] if system else []) + messages})
     return rows
+
+
+def copy_drills(rng, data_dir):
+    """Each poem of the shipped pretraining sample: its opening written two or three times, a copy a line."""
+    with gzip.open(os.path.join(data_dir, "pretrain_poetry.jsonl.gz"), "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return [{"text": "\n".join([text[:rng.randrange(10, 61)]] * rng.choice((2, 3)))} for text in texts]
 
 
 def held_out_items(rng, docs, authors_of, count):

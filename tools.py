@@ -57,12 +57,13 @@ class PoemIndex:
         """[(title, author, text)] best first: exact titles, then full-text matches by BM25 (title weighed
         most, then author, then text). Queries under 3 characters, which trigrams cannot match, look up
         titles and authors exactly."""
+        title = query.strip().strip("《》“”\"'")  # as written: some titles hold two spaces
         query = QUERY_NOISE.sub(" ", query).strip()
         if not query:
             return []
         db = self.connection()
-        exact = db.execute("SELECT title, author, text FROM poems WHERE title = ? UNION ALL SELECT title, author, "
-                           "text FROM poems WHERE author = ? LIMIT ?", (query, query, limit)).fetchall()
+        exact = db.execute("SELECT title, author, text FROM poems WHERE title IN (?, ?) UNION ALL SELECT title, "
+                           "author, text FROM poems WHERE author = ? LIMIT ?", (title, query, query, limit)).fetchall()
         if len(query.replace(" ", "")) < 3:
             return exact
         phrase = " ".join(f'"{part}"' for part in query.split() if len(part) >= 3) or f'"{query}"'
@@ -117,12 +118,14 @@ def search_poems(query):
 
 
 def format_matches(query, matches):
-    """The best match whole, the others by title, author and first line; or a note that there is none."""
+    """The best match whole, under "《title》 作者：author", the others by title, author and first line; or a note
+    that there is none. The tool data's answers repeat the header (build_tool_data.answer_author), and the
+    others are written without 《》 and 作者：, so that what a model copies occurs once in the result."""
     if not matches:
         return f"没有找到与“{query}”相关的诗词。"
     (title, author, text), others = matches[0], matches[1:]
-    lines = [f"《{title}》 {author}\n{text[:MAX_POEM_CHARS]}"]
-    lines += [f"《{t}》 {a}：{x.splitlines()[0] if x else ''}" for t, a, x in others]
+    lines = [f"《{title}》 作者：{author}\n{text[:MAX_POEM_CHARS]}"]
+    lines += [f"相关：{t}（{a}）{x.splitlines()[0] if x else ''}" for t, a, x in others]
     return "\n".join(lines)
 
 

@@ -35,10 +35,14 @@ def distinct_share(bigrams_of_items):
 
 def tool_answer_scores(doc, results):
     """poetry_tools' score of an answer: the author named (who wrote it), or the poem's text character for
-    character, punctuation aside (recite)."""
+    character, punctuation aside (recite), after a first line naming the poem ("《title》 作者：author", as the
+    search result heads it), if the answer has one."""
     import re
     answer = results[0]
     if doc["kind"] == "recite":
         chinese = re.compile(r"[\u4e00-\u9fff]")
-        return {"right": float(chinese.findall(answer) == chinese.findall(doc["answer"]))}
+        head, _, poem = answer.partition("\n")
+        if not head.startswith(f"《{doc['title']}》"):
+            poem = answer
+        return {"right": float(chinese.findall(poem) == chinese.findall(doc["answer"]))}
     return {"right": float(doc["author"] in answer)}

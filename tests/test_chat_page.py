@@ -124,10 +124,10 @@ def test_a_question_answered_with_a_tool_shows_the_call_the_result_and_the_answe
                               "document.querySelectorAll('.message.assistant').length > 0")
         call = tab.locator(".message.call").inner_text()
         assert "search_poems" in call and "静夜思" in call
-        assert tab.locator(".message.result").inner_text().startswith("《静夜思》 李白")
+        assert tab.locator(".message.result").inner_text().startswith("《静夜思》 作者：李白")
         assert tab.locator(".message.assistant").last.inner_text() == "《静夜思》的作者是李白。"
     finally:
         tab.close()
         server.should_exit = True
     second = tokenizer.decode(scheduler.prompts[1])
-    assert "<tool_response>\n《静夜思》 李白" in second  # the page sent the result back to the model
+    assert "<tool_response>\n《静夜思》 作者：李白" in second  # the page sent the result back to the model

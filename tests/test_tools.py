@@ -127,7 +127,9 @@ def index(tmp_path_factory):
         {"title": "渔家傲", "author": "范仲淹", "text": "塞下秋来风景异，衡阳雁去无留意。"},
         {"title": "渔家傲", "author": "欧阳修", "text": "花底忽闻敲两桨，逡巡女伴来寻访。"},
         {"title": "春晓", "author": "孟浩然", "text": "春眠不觉晓，处处闻啼鸟。"},
-        {"title": "雪", "author": "罗隐", "text": "尽道丰年瑞，丰年事若何。"}])
+        {"title": "雪", "author": "罗隐", "text": "尽道丰年瑞，丰年事若何。"},
+        {"title": "虫豸诗  一", "author": "元稹", "text": "阴深山有瘴，湿垫草多蝱。"},
+        {"title": "虫豸诗  二", "author": "元稹", "text": "梨笑清都月，蜂游紫殿春。"}])
     return PoemIndex(str(path))
 
 
@@ -138,9 +140,11 @@ def test_search_finds_titles_lines_and_short_titles(index):
     assert index.search("雪")[0][:2] == ("雪", "罗隐")  # one character: no trigram, an exact title
     assert {a for _, a, _ in index.search("渔家傲")} == {"范仲淹", "欧阳修"}  # every poet of a shared title
     assert index.search("不存在的诗题") == []
+    assert index.search("虫豸诗  二")[0][:2] == ("虫豸诗  二", "元稹")  # a title with two spaces, as written
     text = format_matches("静夜思", index.search("静夜思"))
-    assert text.startswith("《静夜思》 李白\n床前明月光") and "低头思故乡" in text  # the best match whole
-    assert format_matches("渔家傲", index.search("渔家傲")).count("《渔家傲》") == 2
+    assert text.startswith("《静夜思》 作者：李白\n床前明月光") and "低头思故乡" in text  # the best match whole
+    both = format_matches("渔家傲", index.search("渔家傲"))
+    assert both.count("渔家傲") == 2 and both.count("《") == both.count("作者：") == 1  # the header once
 
 
 def test_the_shipped_index_finds_a_held_out_poem_by_its_title():
@@ -150,7 +154,42 @@ def test_the_shipped_index_finds_a_held_out_poem_by_its_title():
     with open(os.path.join(os.path.dirname(__file__), "..", "tasks", "poetry_tools.jsonl"), encoding="utf-8") as f:
         items = [json.loads(line) for line in f]
     for item in items[:20]:
-        assert f"《{item['title']}》 {item['author']}" in search_poems(item["title"]).splitlines()[0], item
+        assert search_poems(item["title"]).splitlines()[0] == f"《{item['title']}》 作者：{item['author']}", item
+
+
+def test_tool_answers_are_scored_by_the_author_or_the_poem_character_for_character():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tasks"))
+    from poetry_data import tool_answer_scores
+    who = {"kind": "title", "title": "静夜思", "author": "李白", "answer": "李白"}
+    assert tool_answer_scores(who, ["《静夜思》 作者：李白。"]) == {"right": 1.0}
+    assert tool_answer_scores(who, ["《静夜思》 作者：杜甫。"]) == {"right": 0.0}
+    recite = {"kind": "recite", "title": "静夜思", "author": "李白", "answer": "床前明月光，疑是地上霜。"}
+    for answer, right in [("床前明月光，疑是地上霜。", 1.0), ("床前明月光疑是地上霜", 1.0),  # punctuation aside
+                          ("《静夜思》 作者：李白\n床前明月光，疑是地上霜。", 1.0),  # the result's header first
+                          ("《春晓》 作者：孟浩然\n床前明月光，疑是地上霜。", 0.0),  # another poem's
+                          ("床前明月光，疑是地上霜。举头望明月。", 0.0), ("床前明月光，疑是地下霜。", 0.0)]:
+        assert tool_answer_scores(recite, [answer]) == {"right": right}, answer
+
+
+def test_the_shipped_copy_drills_repeat_openings_of_the_shipped_sample():
+    """data/copy_drills.jsonl.gz: each poem of the pretraining sample (training text, never a held-out poem),
+    its opening of 10 to 60 characters written two or three times, a copy a line."""
+    sample, drills = shipped_lines("pretrain_poetry.jsonl.gz", None), shipped_lines("copy_drills.jsonl.gz", None)
+    assert len(drills) == len(sample) == 20000
+    for poem, drill in zip(sample, drills):
+        text = drill["text"]
+        assert any(text == "\n".join([poem["text"][:n]] * copies) for copies in (2, 3) for n in range(10, 61)), text
+
+
+def test_the_shipped_tool_answers_repeat_the_results_header():
+    """Who wrote it: the answer holds the result's first line, "《title》 作者：author", so the model copies the
+    name after the same tokens it follows in the result."""
+    rows = shipped_lines("sft_tools.jsonl.gz", None)
+    answered = [(row["messages"][-2]["content"].splitlines()[0], row["messages"][-1]["content"]) for row in rows
+                if row["messages"][-2]["role"] == "tool" and "作者：" in row["messages"][-1]["content"]]
+    assert len(answered) > 3000
+    assert all(header.startswith("《") and " 作者：" in header and header in answer for header, answer in answered)
 
 
 # --- the OpenAI protocol: serve.py with a scripted model ---------------------------------------------------
@@ -278,7 +317,7 @@ def test_the_chat_pages_tools_are_offered_and_run(tokenizer):
             return offered, result, unknown
     offered, result, unknown = asyncio.run(calls())
     assert [t["function"]["name"] for t in offered] == ["search_poems"]
-    assert result.startswith("《静夜思》 李白\n床前") and "低头思故乡" in result and unknown.status_code == 404
+    assert result.startswith("《静夜思》 作者：李白\n床前") and "低头思故乡" in result and unknown.status_code == 404
 
 
 # --- rollouts with tools (--mode grpo --tools) ------------------------------------------------------------
@@ -314,7 +353,7 @@ def test_a_rollout_with_tools_runs_the_call_and_trains_only_the_models_tokens(to
                                  torch.autocast("cpu", enabled=False), {"search_poems"})
     assert rollouts.texts == ["《静夜思》的作者是李白。"]
     completion = tokenizer.decode(rollouts.completion_ids[0])
-    assert completion.startswith(CALL_TEXT + "<|im_end|>\n<|im_start|>user\n<tool_response>\n《静夜思》 李白")
+    assert completion.startswith(CALL_TEXT + "<|im_end|>\n<|im_start|>user\n<tool_response>\n《静夜思》 作者：李白")
     assert completion.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n《静夜思》的作者是李白。<|im_end|>")
     rows = rollouts.training_rows(tokenizer.pad_token_id)
     labelled = tokenizer.decode([t for t in rows["labels"][0].tolist() if t != -100])
