@@ -31,8 +31,8 @@ MUON_LEARNING_RATE = 8e-3  # --muon_learning_rate's default for a new run
 
 # Pretraining the demo: Muon at 8e-3 for the blocks' matrices, AdamW at 2.4e-2 for the embedding and norms
 # (the winner of a sweep at 383 steps), WSD. The seed's recipe, AdamW + cosine, is the speedrun's baseline.
-DEMO_MUON = ["--optimizer", "muon", "--lr_schedule", "wsd", "--muon_learning_rate", "8e-3",
-             "--learning_rate", "2.4e-2", "--warmup_iters", "30"]
+MUON_WSD = ["--optimizer", "muon", "--lr_schedule", "wsd", "--muon_learning_rate", "8e-3", "--learning_rate", "2.4e-2"]
+DEMO_MUON = [*MUON_WSD, "--warmup_iters", "30"]
 SEED_ADAMW = ["--optimizer", "adamw", "--lr_schedule", "cosine", "--learning_rate", "2e-3", "--warmup_iters", "30"]
 SPEEDRUN_RECIPES = {"adamw-cosine": SEED_ADAMW, "muon-wsd": DEMO_MUON}
 
@@ -69,6 +69,11 @@ RUNS = {
     # student passes its teacher (the divergence alone ends at the teacher: LOG.md).
     "demo-distill": [*shape_args("demo-student"), "--batch_size", "16", "--max_steps", "383", *DEMO_MUON,
                      "--distill_alpha", "0.5"],
+    # train.sh tools' first step: the chat model reads data/copy_drills.jsonl.gz (poems' openings written two or
+    # three times) with the pretraining optimizer, at the tool stage's 512 positions, and learns to copy what
+    # its context holds (docs/tools.md); AdamW did not teach it in 400 steps.
+    "demo-copy": ["--max_seq_len", "512", "--batch_size", "8", "--max_steps", "300", *MUON_WSD,
+                  "--warmup_iters", "10"],
     # Tool conversations need 512 positions (446 tokens on average with the demo tokenizer).
     "demo-tools": ["--max_seq_len", "512", "--batch_size", "8", "--learning_rate", "1.5e-3", "--warmup_iters", "20",
                    "--max_steps", "400"],

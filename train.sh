@@ -5,8 +5,8 @@
 #   bash train.sh dpo      after the demo: DPO (with LoRA) of its chat model on data/dpo_poetry.jsonl.gz
 #   bash train.sh rl       after the demo: a second SFT pass over its form requests, then GRPO on poem-form
 #                          requests (form and rhyme rewards), then form and rhyme compliance before and after
-#   bash train.sh tools    after the demo: SFT of its chat model on tool conversations (search_poems), then
-#                          the held-out tool questions before and after
+#   bash train.sh tools    after the demo: copying drills, then SFT of its chat model on tool conversations
+#                          (search_poems), then the held-out tool questions before and after
 #   bash train.sh distill  after the demo: a half-size student distilled from its base model, then held-out
 #                          bits per byte of teacher and student
 #   bash train.sh gpu      the seed's 215M recipe (dim 1024, 18 layers, vocab 6144, seq 512) on GPUs;
@@ -70,11 +70,14 @@ elif [ "$RECIPE" = rl ]; then
     python eval.py --model $model --chat --tasks poem_form,poem_form_sampled --device cpu --json $model/form_eval.json
   done
 elif [ "$RECIPE" = tools ]; then
-  # After the demo: SFT of its chat model on tool conversations (docs/tools.md), then the held-out tool
-  # questions (by title, by a quoted line, recitation) and the bundled poetry_author_chat with the tool.
+  # After the demo: its chat model learns to copy from its context (copying drills), then SFT on tool
+  # conversations (docs/tools.md), then the held-out tool questions (by title, by a quoted line, recitation)
+  # and the bundled poetry_author_chat with the tool.
   OUT=runs/demo
-  python train_model.py --out_dir $OUT/tools --data_path data/sft_tools.jsonl.gz --init_from $OUT/sft \
-    --tokenizer_path $OUT/sft $(python recipes.py demo-tools) --device cpu --eval_interval 100 --save_interval 100
+  python train_model.py --out_dir $OUT/copy --data_path data/copy_drills.jsonl.gz --init_from $OUT/sft \
+    --tokenizer_path $OUT/sft $(python recipes.py demo-copy) --device cpu --eval_interval 50 --save_interval 50
+  python train_model.py --out_dir $OUT/tools --data_path data/sft_tools.jsonl.gz --init_from $OUT/copy \
+    --tokenizer_path $OUT/copy $(python recipes.py demo-tools) --device cpu --eval_interval 100 --save_interval 100
   for model in $OUT/sft $OUT/tools; do
     echo "== $model with search_poems"
     python eval.py --model $model --chat --tools search_poems --tasks poetry_tools,poetry_author_chat \
