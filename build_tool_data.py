@@ -57,7 +57,8 @@ def answer_author(title, author, authors):
     not, and " 李白", the result's old "《title》 李白", is another token than "李白" (docs/tools.md)."""
     if len(authors) > 1:
         return f"《{title}》有多位诗人写过：{'、'.join(authors)}。"
-    return f"《{title}》 作者：{author}。"
+    from tools import poem_header
+    return f"{poem_header(title, author)}。"
 
 
 def recitable(doc):
@@ -66,8 +67,8 @@ def recitable(doc):
     return len("\n".join(doc[2])) <= MAX_POEM_CHARS
 
 
-def tool_conversation(rng, question, query, answer, search):
-    """A conversation: (a system prompt,) the question, the call, the tool's answer, the assistant's."""
+def tool_conversation(rng, question, query, result, answer):
+    """A conversation: (a system prompt,) the question, the call, the tool's result, the assistant's answer."""
     from tools import SEARCH_POEMS
     messages = [{"role": "system", "content": system} for system in [rng.choice(SYSTEMS)] if system]
     call_id = f"call_{rng.randrange(10 ** 8)}"
@@ -75,7 +76,7 @@ def tool_conversation(rng, question, query, answer, search):
     messages += [{"role": "user", "content": question},
                  {"role": "assistant", "content": "", "tool_calls": [{"id": call_id, "type": "function",
                                                                       "function": call}]},
-                 {"role": "tool", "tool_call_id": call_id, "content": search(query)},
+                 {"role": "tool", "tool_call_id": call_id, "content": result},
                  {"role": "assistant", "content": answer}]
     return {"tools": [SEARCH_POEMS], "messages": messages}
 
@@ -113,23 +114,24 @@ def index_rows(docs):
 
 def training_conversation(rng, doc, authors_of, search):
     """A tool conversation about a poem of the training files: who wrote it (by title or line), or recite it."""
+    from tools import best_match, poem_header
     title, author, lines = doc
     kind = rng.random()
-    # A recitation repeats the result's first match, header and all, where that is the poem whole: the model
-    # copies it from the start, where a poem's first character has no cue before it that the result shares.
-    recital = f"《{title}》 作者：{author}\n" + "\n".join(lines)
-    if kind < 0.45 or (kind >= 0.75 and search(title).split("\n相关：")[0] != recital):
-        question, query = rng.choice(BY_TITLE).format(title=title), title
-        answer = answer_author(title, author, authors_of[title])
-    elif kind < 0.75:
+    if 0.45 <= kind < 0.75:
         line = clause(rng, lines)
-        question, query = rng.choice(BY_LINE).format(line=line), line
+        question, result = rng.choice(BY_LINE).format(line=line), search(line)
         # The result's header again, as answer_author's: the poem the search ranks first, which is another poem
         # with the same line where two share it (95 of the 6,000 conversations).
-        answer = f"出自{search(line).splitlines()[0]}。"
+        return tool_conversation(rng, question, line, result, f"出自{result.splitlines()[0]}。")
+    result = search(title)
+    # A recitation repeats the result's first match, header and all, where that is the poem whole: the model
+    # copies it from the start, where a poem's first character has no cue before it that the result shares.
+    recital = poem_header(title, author) + "\n" + "\n".join(lines)
+    if kind >= 0.75 and best_match(result) == recital:
+        question, answer = rng.choice(RECITE).format(title=title), recital
     else:
-        question, query, answer = rng.choice(RECITE).format(title=title), title, recital
-    return tool_conversation(rng, question, query, answer, search)
+        question, answer = rng.choice(BY_TITLE).format(title=title), answer_author(title, author, authors_of[title])
+    return tool_conversation(rng, question, title, result, answer)
 
 
 def clause(rng, lines):

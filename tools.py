@@ -117,6 +117,19 @@ def search_poems(query):
     return format_matches(query, _index.search(query))
 
 
+RELATED = "相关："  # the start of each match's line after the best one
+
+
+def poem_header(title, author):
+    """The line over the best match, which the tool data's answers repeat (build_tool_data.answer_author)."""
+    return f"《{title}》 作者：{author}"
+
+
+def best_match(result):
+    """The best match of a format_matches text, header and text, without the others."""
+    return result.split("\n" + RELATED)[0]
+
+
 def format_matches(query, matches):
     """The best match whole, under "《title》 作者：author", the others by title, author and first line; or a note
     that there is none. The tool data's answers repeat the header (build_tool_data.answer_author), and the
@@ -124,8 +137,8 @@ def format_matches(query, matches):
     if not matches:
         return f"没有找到与“{query}”相关的诗词。"
     (title, author, text), others = matches[0], matches[1:]
-    lines = [f"《{title}》 作者：{author}\n{text[:MAX_POEM_CHARS]}"]
-    lines += [f"相关：{t}（{a}）{x.splitlines()[0] if x else ''}" for t, a, x in others]
+    lines = [f"{poem_header(title, author)}\n{text[:MAX_POEM_CHARS]}"]
+    lines += [f"{RELATED}{t}（{a}）{x.splitlines()[0] if x else ''}" for t, a, x in others]
     return "\n".join(lines)
 
 

@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RECIPE=${1:-demo}
 
-# SFT of the model in $1 into $2 on the data $3 with the recipes.py run $4: the demo's chat model (demo-sft), and
-# the second pass at the start of `train.sh rl` (demo-sft-forms).
+# SFT of the model in $1 into $2 on the data $3 with the recipes.py run $4: the demo's chat model (demo-sft), the
+# second pass at the start of `train.sh rl` (demo-sft-forms) and the tool SFT of `train.sh tools` (demo-tools).
 sft_pass() {
   python train_model.py --out_dir "$2" --data_path "$3" --init_from "$1" --tokenizer_path "$1" \
     $(python recipes.py "$4") --device cpu --eval_interval 100 --save_interval 100
@@ -76,8 +76,7 @@ elif [ "$RECIPE" = tools ]; then
   OUT=runs/demo
   python train_model.py --out_dir $OUT/copy --data_path data/copy_drills.jsonl.gz --init_from $OUT/sft \
     --tokenizer_path $OUT/sft $(python recipes.py demo-copy) --device cpu --eval_interval 50 --save_interval 50
-  python train_model.py --out_dir $OUT/tools --data_path data/sft_tools.jsonl.gz --init_from $OUT/copy \
-    --tokenizer_path $OUT/copy $(python recipes.py demo-tools) --device cpu --eval_interval 100 --save_interval 100
+  sft_pass $OUT/copy $OUT/tools data/sft_tools.jsonl.gz demo-tools
   for model in $OUT/sft $OUT/tools; do
     echo "== $model with search_poems"
     python eval.py --model $model --chat --tools search_poems --tasks poetry_tools,poetry_author_chat \
